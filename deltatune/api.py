@@ -1,0 +1,141 @@
+"""The public verbs: attach, load, detach, merge_and_save. Everything else hangs off the Delta handle."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from .core.checkpoint import atomic_directory, check_fingerprint, read_meta, read_tensors
+from .core.checkpoint import fingerprint as base_fingerprint
+from .core.config import DeltaConfig, config_from_dict
+from .core.delta import Delta, deltas_of, undo_attachment
+from .core.errors import AttachError, CheckpointError, ConfigError, StateError
+from .core.inject import Attachment, base_state_dict, named_base_parameters
+from .core.targets import Targets, find_modules
+from .methods import config_classes, method_for
+
+DEFAULT_NAME = "default"
+
+
+def _slots(configs: Sequence[DeltaConfig]) -> list[str]:
+    """Stable per-method slot names inside one delta: lora, ia3, lora_1, ..."""
+    seen: dict[str, int] = {}
+    slots = []
+    for cfg in configs:
+        n = seen.get(cfg.method, 0)
+        seen[cfg.method] = n + 1
+        slots.append(cfg.method if n == 0 else f"{cfg.method}_{n}")
+    return slots
+
+
+def _check_request(model: nn.Module, configs: Sequence[DeltaConfig], name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"dt.attach expects a torch nn.Module (a transformers model), got {type(model).__name__}")
+    if not configs:
+        raise ConfigError("dt.attach needs at least one method config, e.g. dt.attach(model, dt.LoRA(r=8))")
+    for cfg in configs:
+        method_for(cfg)
+        cfg.validate()  # fields may have been changed since construction
+    if name in deltas_of(model):
+        raise AttachError(f"a delta named {name!r} is already attached to this model; pass name='...' to add "
+                          f"another one, or detach the existing one first (attached: {sorted(deltas_of(model))})")
+
+
+def attach(model: nn.Module, *configs: DeltaConfig, name: str = DEFAULT_NAME,
+           train_modules: Targets | None = None) -> Delta:
+    """Attach one or several delta methods to ``model`` in place and freeze everything else.
+
+    Only the new delta's parameters and the ``train_modules`` (e.g. ``["classifier"]``, same name syntax
+    as targets) require grad afterwards. The new delta becomes the active one. On any error the model is
+    left exactly as it was.
+
+    Raises:
+        ConfigError: a config field is invalid. TargetError: targets match nothing usable.
+        AttachError: the name is taken, or the delta would train nothing.
+    """
+    _check_request(model, configs, name)
+    train = {p: model.get_submodule(p) for p in find_modules(model, train_modules or [])}
+    flags = {n: p.requires_grad for n, p in named_base_parameters(model)}
+    fingerprint = base_fingerprint(model)
+    attachments: list[Attachment] = []
+    try:
+        for slot, cfg in zip(_slots(configs), configs):
+            attachments.append(Attachment(slot, cfg))
+            method_for(cfg).attach(model, cfg, attachments[-1])
+        delta = Delta(model, name, attachments, train, fingerprint, flags)
+        if delta.num_trainable() == 0:
+            raise AttachError(f"delta {name!r} ({', '.join(c.describe() for c in configs)}) has no trainable "
+                              f"parameters on this model; check its targets or add train_modules")
+    except BaseException:
+        for att in reversed(attachments):
+            undo_attachment(model, att)
+        raise
+    for other in deltas_of(model).values():
+        if not other.is_merged:
+            other.set_active(False)
+    model.requires_grad_(False)
+    for param in delta.parameters().values():
+        param.requires_grad_(True)
+    deltas_of(model)[name] = delta
+    return delta
+
+
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Detach the named delta (or every delta when ``name`` is None); returns the model."""
+    table = deltas_of(model)
+    names = list(table) if name is None else [name]
+    for n in names:
+        if n not in table:
+            raise StateError(f"no delta named {n!r} on this model; attached: {sorted(table)}")
+        table[n].detach()
+    return model
+
+
+def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
+         check_base: bool = True) -> Delta:
+    """Attach the delta saved in ``directory`` to ``model`` and load its weights.
+
+    The checkpoint's fingerprint must match the model (``check_base=False`` skips that when you know
+    the delta's shapes still fit, e.g. a fine-tuned variant of the base). On error nothing is attached.
+    """
+    where, meta = read_meta(directory)
+    if check_base:
+        check_fingerprint(meta.get("base_model", {}), model, where)
+    try:
+        configs = [config_from_dict(m["config"], config_classes()) for m in meta["methods"]]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: malformed method list in delta_config.json ({e})") from e
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    tensors = read_tensors(where, meta)
+    delta = attach(model, *configs, name=name or meta.get("name", DEFAULT_NAME),
+                   train_modules=meta.get("train_modules") or None)
+    try:
+        delta.load_state_dict(tensors, where)
+    except BaseException:
+        delta.detach()
+        raise
+    return delta
+
+
+def merge_and_save(delta: Delta, directory: str | os.PathLike, **save_kwargs) -> Path:
+    """Write base + delta as a standalone model that plain ``from_pretrained`` loads (no deltatune needed).
+
+    The delta is merged for the write and returned to its previous state afterwards.
+    """
+    model = delta.model
+    if not hasattr(model, "save_pretrained"):
+        raise StateError("merge_and_save needs a transformers PreTrainedModel (it writes with save_pretrained)")
+    was_merged = delta.is_merged
+    if not was_merged:
+        delta.merge()
+    try:
+        with atomic_directory(Path(directory)) as tmp:
+            model.save_pretrained(tmp, state_dict=base_state_dict(model), **save_kwargs)
+    finally:
+        if not was_merged:
+            delta.unmerge()
+    return Path(directory)

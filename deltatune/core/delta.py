@@ -1,0 +1,202 @@
+"""The handle ``dt.attach`` returns: one delta (one or several methods) on one model.
+
+It knows everything the attach did (its ``Attachment`` records), so it can count, merge, save and detach
+without searching the model by name. Several named deltas can live on one model; the model keeps a small
+table of them in ``model.__dict__['_deltatune']`` (a plain attribute: not a module, not in state_dict).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import check_keys, save_checkpoint
+from .errors import StateError
+from .inject import Attachment, DeltaWrapper, named_base_parameters, remove_module
+
+TRAIN_PREFIX = "train:"
+
+
+def deltas_of(model: nn.Module) -> dict[str, Delta]:
+    """The named deltas attached to ``model`` (created on first use)."""
+    return model.__dict__.setdefault("_deltatune", {})
+
+
+class Delta:
+    """One attached delta. Created by ``dt.attach`` / ``dt.load``; not constructed by users."""
+
+    def __init__(self, model: nn.Module, name: str, attachments: list[Attachment],
+                 train_modules: dict[str, nn.Module], base_fingerprint: dict[str, Any],
+                 requires_grad_before: dict[str, bool]) -> None:
+        self.model = model
+        self.name = name
+        self.attachments = attachments
+        self.train_modules = train_modules
+        self.base_fingerprint = base_fingerprint
+        self._requires_grad_before = requires_grad_before
+        self.attached = True
+
+    # -- what it is --------------------------------------------------------------------------------
+    @property
+    def configs(self) -> list:
+        return [a.config for a in self.attachments]
+
+    def wrappers(self) -> list[DeltaWrapper]:
+        return [w for a in self.attachments for w in a.wrappers().values()]
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """Every tensor this delta trains: delta parameters, then the ``train_modules``' parameters."""
+        params = {f"{a.slot}:{key}": p for a in self.attachments for key, p in a.parameters().items()}
+        for path, module in self.train_modules.items():
+            params.update({f"{TRAIN_PREFIX}{path}.{n}": p for n, p in module.named_parameters()})
+        return params
+
+    def num_trainable(self) -> int:
+        """Number of scalars this delta trains (delta parameters plus ``train_modules``)."""
+        return sum(p.numel() for p in self.parameters().values())
+
+    def num_total(self) -> int:
+        """Base model parameters plus this delta's own parameters."""
+        own = sum(p.numel() for a in self.attachments for m in a.modules.values() for _, p in m.own_parameters())
+        return sum(p.numel() for _, p in named_base_parameters(self.model)) + own
+
+    def summary(self) -> str:
+        n, total = self.num_trainable(), self.num_total()
+        return f"trainable {n:,} / total {total:,} ({100 * n / max(total, 1):.3f}%)"
+
+    def __repr__(self) -> str:
+        methods = " + ".join(c.describe() for c in self.configs)
+        state = "merged" if self.is_merged else ("attached" if self.attached else "detached")
+        return f"Delta({self.name!r}, {methods}, {state}; {self.summary()})"
+
+    def modules(self) -> list:
+        return [m for a in self.attachments for m in a.modules.values()]
+
+    @property
+    def is_active(self) -> bool:
+        return self.attached and all(m.active for m in self.modules())
+
+    def set_active(self, active: bool) -> None:
+        """Switch this delta's effect on or off without touching any weight."""
+        self._check_attached("activate" if active else "deactivate")
+        if not active and self.is_merged:
+            raise StateError(f"delta {self.name!r} is merged into the base weights; unmerge() it before "
+                             f"deactivating or switching to another delta")
+        for module in self.modules():
+            module.active = active
+
+    # -- merge ---------------------------------------------------------------------------------------
+    @property
+    def is_merged(self) -> bool:
+        return any(w.merged for w in self.wrappers())
+
+    def _check_attached(self, what: str) -> None:
+        if not self.attached:
+            raise StateError(f"cannot {what} delta {self.name!r}: it was detached; attach or load it again")
+
+    def merge(self) -> None:
+        """Fold every delta weight into the base weights: the forward pass then runs no extra modules."""
+        self._check_attached("merge")
+        if self.is_merged:
+            raise StateError(f"delta {self.name!r} is already merged; call unmerge() first")
+        unmergeable = sorted({a.config.method for a in self.attachments
+                              if not a.wrappers() or not all(w.mergeable for w in a.wrappers().values())})
+        if unmergeable:
+            raise StateError(f"delta {self.name!r} contains methods that cannot be merged into weights: "
+                             f"{unmergeable}. Mergeable methods: lora (incl. dora), ia3.")
+        inactive = [w for w in self.wrappers() if not w.active]
+        if inactive:
+            raise StateError(f"delta {self.name!r} is not active; activate it before merging")
+        for wrapper in self.wrappers():
+            wrapper.merge()
+
+    def unmerge(self) -> None:
+        """Take the delta weights back out of the base weights (exact up to float rounding)."""
+        self._check_attached("unmerge")
+        if not self.is_merged:
+            raise StateError(f"delta {self.name!r} is not merged; nothing to unmerge")
+        for wrapper in reversed(self.wrappers()):
+            wrapper.unmerge()
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds (detached; folded forms where a method saves one)."""
+        state: dict[str, torch.Tensor] = {}
+        for att in self.attachments:
+            for path, module in att.modules.items():
+                state.update({f"{att.slot}:{path}.{k}": t for k, t in module.saved_state().items()})
+            state.update({f"{att.slot}:{k}": p.detach() for k, p in att.existing.items()})
+        for path, module in self.train_modules.items():
+            state.update({f"{TRAIN_PREFIX}{path}.{n}": p.detach() for n, p in module.named_parameters()})
+        return state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], where: Path | str = "state") -> None:
+        """Copy ``tensors`` into this delta after checking keys and shapes (nothing copied on mismatch)."""
+        check_keys(self.state_dict(), tensors, Path(where))
+        with torch.no_grad():
+            for att in self.attachments:
+                for path, module in att.modules.items():
+                    prefix = f"{att.slot}:{path}."
+                    module.load_saved_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                for key, param in att.existing.items():
+                    param.copy_(tensors[f"{att.slot}:{key}"])
+            for path, module in self.train_modules.items():
+                for n, param in module.named_parameters():
+                    param.copy_(tensors[f"{TRAIN_PREFIX}{path}.{n}"])
+
+    def metadata(self) -> dict[str, Any]:
+        from .. import __version__
+
+        return {"deltatune_version": __version__, "name": self.name,
+                "methods": [{"slot": a.slot, "config": a.config.to_dict()} for a in self.attachments],
+                "train_modules": list(self.train_modules), "base_model": self.base_fingerprint}
+
+    def save(self, directory: str | os.PathLike, merged: bool = False) -> Path:
+        """Write a delta-only checkpoint (safetensors + JSON), atomically.
+
+        With ``merged=True`` write instead a standalone model with the delta folded in, loadable by plain
+        ``transformers.AutoModel*.from_pretrained`` (see ``dt.merge_and_save``).
+        """
+        self._check_attached("save")
+        if merged:
+            from ..api import merge_and_save
+
+            return merge_and_save(self, directory)
+        return save_checkpoint(directory, self.state_dict(), self.metadata())
+
+    # -- detach --------------------------------------------------------------------------------------
+    def detach(self) -> nn.Module:
+        """Remove the delta: the model gets back its original module objects and requires_grad flags.
+
+        A merged delta is unmerged first, so the base weights are the original ones again.
+        """
+        self._check_attached("detach")
+        if self.is_merged:
+            self.unmerge()
+        for att in reversed(self.attachments):
+            undo_attachment(self.model, att)
+        table = deltas_of(self.model)
+        table.pop(self.name, None)
+        for module in self.train_modules.values():
+            module.requires_grad_(False)
+        if not table:
+            for name, param in named_base_parameters(self.model):
+                param.requires_grad_(self._requires_grad_before.get(name, param.requires_grad))
+        self.attached = False
+        return self.model
+
+
+def undo_attachment(model: nn.Module, att: Attachment) -> None:
+    """Remove hooks, modules and extra state an attach rule recorded, last first."""
+    for handle in att.hooks:
+        handle.remove()
+    for path, module in reversed(list(att.modules.items())):
+        remove_module(model, path, module)
+    for undo in reversed(att.on_detach):
+        undo()
+    for param in att.existing.values():
+        param.requires_grad_(False)

@@ -1,0 +1,216 @@
+"""Putting deltas into a model in place, and taking them out again.
+
+Two kinds of delta modules live inside the user's model:
+- a ``DeltaWrapper`` replaces a module at its path and keeps the original as its ``base`` child, so
+  detaching puts back the very same object (bit for bit); wrappers may nest (several named deltas,
+  or two methods on one module);
+- a plain ``DeltaModule`` is *added* at a new path (e.g. prefix key/values next to an attention module).
+
+Every attach returns an ``Attachment`` record; detach, save and inspect read it, nothing is re-discovered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig
+
+
+class DeltaModule(nn.Module):
+    """Base of every module deltatune adds to a model. All its own parameters are delta parameters.
+
+    ``active`` switches the module's effect off (named deltas, ``dt.deactivate``) without touching weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = True
+
+    def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from self.named_parameters()
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint stores for this module; override to save a folded form (prefix MLP)."""
+        return {name: p.detach() for name, p in self.own_parameters()}
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``saved_state``; keys and shapes were checked by the caller."""
+        with torch.no_grad():
+            for name, param in self.own_parameters():
+                param.copy_(state[name])
+
+
+class DeltaWrapper(DeltaModule):
+    """Wraps ``base`` (the original module, or another wrapper) and adds a delta to its output.
+
+    Subclasses implement ``forward`` and, when mergeable, ``delta_weight`` (in the base layer's weight
+    layout). ``active`` switches the delta path off without touching weights; ``merged`` says the delta
+    currently lives inside the base weight.
+    """
+
+    mergeable: bool = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.merged = False
+        # Optional per-sample multiplier of the delta path, shape (batch,); set by routing.
+        self.sample_scale: torch.Tensor | None = None
+
+    def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in self.named_parameters():
+            if not name.startswith("base."):
+                yield name, param
+
+    def base_layer(self) -> nn.Module:
+        """The innermost original module, through any nested wrappers."""
+        layer = self.base
+        while isinstance(layer, DeltaWrapper):
+            layer = layer.base
+        return layer
+
+    @property
+    def uses_delta(self) -> bool:
+        """Whether forward must compute the delta path (active and not already folded into W)."""
+        return self.active and not self.merged
+
+    def scaled(self, delta_out: torch.Tensor) -> torch.Tensor:
+        """Apply per-sample routing (if any) to the delta path's output of shape (batch, ...)."""
+        if self.sample_scale is None:
+            return delta_out
+        scale = self.sample_scale.to(delta_out.dtype)
+        return delta_out * scale.view(-1, *([1] * (delta_out.dim() - 1)))
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the delta into the base weight: W <- W + delta_weight()."""
+        weight = self.base_layer().weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: W <- W - delta_weight() (exact up to float rounding)."""
+        weight = self.base_layer().weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+
+@dataclasses.dataclass
+class Attachment:
+    """What one method config did to the model: the record detach, save and inspect work from.
+
+    modules: delta modules by the dotted path they occupy (wrappers replace the module there,
+        other DeltaModules were added there).
+    existing: original parameters the method made trainable (BitFit biases), by original name.
+    hooks: handles of forward hooks, removed at detach.
+    on_detach: extra undo steps (run last-in first-out).
+    """
+
+    slot: str
+    config: DeltaConfig
+    modules: dict[str, DeltaModule] = dataclasses.field(default_factory=dict)
+    existing: dict[str, nn.Parameter] = dataclasses.field(default_factory=dict)
+    hooks: list[Any] = dataclasses.field(default_factory=list)
+    on_detach: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+    def wrappers(self) -> dict[str, DeltaWrapper]:
+        return {p: m for p, m in self.modules.items() if isinstance(m, DeltaWrapper)}
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable tensors of this attachment, keyed ``<path>.<param>`` (stable across nesting)."""
+        params = {f"{path}.{n}": p for path, m in self.modules.items() for n, p in m.own_parameters()}
+        params.update(self.existing)
+        return params
+
+
+# -- walking the model as the user sees it (wrappers transparent) ---------------------------------
+
+def named_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` of the original model: wrappers are replaced by their base layer and
+    modules deltatune added are skipped, so names and types are what the user knows."""
+    yield prefix, model
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, DeltaWrapper):
+            child = child.base_layer()
+        elif isinstance(child, DeltaModule):
+            continue
+        yield from named_base_modules(child, path)
+
+
+def named_base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``named_parameters`` of the original model under their original names (no delta parameters)."""
+    for path, module in named_base_modules(model):
+        for name, param in module.named_parameters(recurse=False):
+            yield (f"{path}.{name}" if path else name), param
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` of the original model (original key names, no delta tensors), e.g. for save_pretrained."""
+    state = {}
+    for path, module in named_base_modules(model):
+        prefix = f"{path}." if path else ""
+        state.update({prefix + n: p.detach() for n, p in module._parameters.items() if p is not None})
+        state.update({prefix + n: b for n, b in module._buffers.items()
+                      if b is not None and n not in module._non_persistent_buffers_set})
+    return state
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, leaf = path.rpartition(".")
+    return parent, leaf
+
+
+def _logical_parent(model: nn.Module, parent_path: str) -> nn.Module:
+    """Resolve a dotted path through wrappers (``a.query.x`` works even when ``query`` is wrapped)."""
+    module = model
+    for part in parent_path.split(".") if parent_path else []:
+        module = getattr(module, part)
+        if isinstance(module, DeltaWrapper):
+            module = module.base_layer()
+    return module
+
+
+def wrap_module(model: nn.Module, path: str, make: Callable[[nn.Module], DeltaWrapper]) -> DeltaWrapper:
+    """Replace the module at ``path`` (which may already be a wrapper) by ``make(module)``."""
+    parent_path, leaf = _split(path)
+    parent = _logical_parent(model, parent_path)
+    wrapper = make(getattr(parent, leaf))
+    setattr(parent, leaf, wrapper)
+    return wrapper
+
+
+def add_module(model: nn.Module, path: str, module: DeltaModule) -> None:
+    """Register a new delta module at ``path`` (its parent must exist, the leaf must be free)."""
+    parent_path, leaf = _split(path)
+    parent = _logical_parent(model, parent_path)
+    if hasattr(parent, leaf):
+        raise ValueError(f"internal: {path} already exists")
+    parent.add_module(leaf, module)
+
+
+def remove_module(model: nn.Module, path: str, module: DeltaModule) -> None:
+    """Undo ``wrap_module`` / ``add_module`` for ``module``, even when other wrappers nest around it."""
+    parent_path, leaf = _split(path)
+    parent = _logical_parent(model, parent_path)
+    current = getattr(parent, leaf)
+    if not isinstance(module, DeltaWrapper):
+        delattr(parent, leaf)
+        return
+    if current is module:
+        setattr(parent, leaf, module.base)
+        return
+    while isinstance(current, DeltaWrapper) and current.base is not module:
+        current = current.base
+    if not isinstance(current, DeltaWrapper):
+        raise RuntimeError(f"internal: wrapper for {path} is no longer in the model")
+    current.base = module.base

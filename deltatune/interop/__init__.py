@@ -1,0 +1,1 @@
+"""Reading and writing other libraries' formats. Every PEFT name mapping lives in peft.py."""

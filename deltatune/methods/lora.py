@@ -1,0 +1,160 @@
+"""LoRA: h = W x + (alpha / r) * B A x  (Hu et al., 2021, arXiv:2106.09685).
+
+A starts random (Kaiming-uniform like nn.Linear, or Gaussian), B starts at zero, so the model is
+unchanged at attach time. ``rslora`` scales by alpha / sqrt(r) instead (Kalajdzievski, 2023,
+arXiv:2312.03732), which keeps the update's magnitude stable as r grows. Dropout acts on the LoRA
+path's input only. Works on nn.Linear, transformers' Conv1D (transposed weight) and nn.Embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import DeltaConfig
+from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.targets import Targets, find_targets, linear_types
+from .registry import register
+
+
+@dataclasses.dataclass
+class LoRA(DeltaConfig):
+    method = "lora"
+
+    r: int = 8                   # rank: capacity, size and compute grow linearly with it
+    alpha: float = 16.0          # the update is scaled by alpha / r (or alpha / sqrt(r) with rslora)
+    dropout: float = 0.0         # dropout on the LoRA path's input only; regularises small datasets
+    targets: Targets = "all-linear"  # module suffixes, full names, "re:<regex>", or "all-linear"
+    layers: list[int] | None = None  # keep only these transformer blocks (None: all)
+    rslora: bool = False         # scale by alpha / sqrt(r): stable when sweeping large ranks
+    dora: bool = False           # DoRA: learn a per-output magnitude too (Liu et al., 2024); still mergeable
+    init: str = "kaiming"        # how A starts: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r)
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)     # per-module r overrides
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # per-module alpha overrides
+
+    def validate(self) -> None:
+        self._require(isinstance(self.r, int) and self.r > 0, "r", "a positive integer")
+        self._require(self.alpha > 0, "alpha", "> 0")
+        self._require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        self._require(self.init in ("kaiming", "gaussian"), "init", "'kaiming' or 'gaussian'")
+        self._require(all(isinstance(v, int) and v > 0 for v in self.rank_pattern.values()),
+                      "rank_pattern", "a mapping of module patterns to positive integers")
+        self._require(all(v > 0 for v in self.alpha_pattern.values()), "alpha_pattern",
+                      "a mapping of module patterns to positive numbers")
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """r and alpha for one module, honouring rank_pattern / alpha_pattern (PEFT's key semantics)."""
+        return _lookup(self.rank_pattern, path, self.r), _lookup(self.alpha_pattern, path, self.alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+def _lookup(pattern: dict, path: str, default):
+    """PEFT's semantics: key ``k`` (a name or regex) applies to a module whose path matches ``(.*\.)?k$``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?(?:{key})$", path):
+            return value
+    return default
+
+
+class LoRALinear(DeltaWrapper):
+    """Rank-r update on a frozen nn.Linear: y = W x + b + scale * B(A(dropout(x)))."""
+
+    mergeable = True
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoRA) -> None:
+        super().__init__(base)
+        layer = self.base_layer()
+        in_features, out_features = self.features(layer)
+        weight = layer.weight
+        self.r, self.alpha, self.scale = r, alpha, cfg.scaling(r, alpha)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype, device=weight.device))
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        init_a(self.lora_A, cfg.init)
+
+    @staticmethod
+    def features(layer: nn.Module) -> tuple[int, int]:
+        return layer.in_features, layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.uses_delta:
+            return out
+        delta = F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B)
+        return out + self.scaled(delta * self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+class LoRAConv1D(LoRALinear):
+    """LoRA on transformers' Conv1D (GPT-2), whose weight is stored (in, out): the merge transposes."""
+
+    @staticmethod
+    def features(layer: nn.Module) -> tuple[int, int]:
+        return layer.weight.shape[0], layer.weight.shape[1]
+
+    def delta_weight(self) -> torch.Tensor:
+        return super().delta_weight().T
+
+
+class LoRAEmbedding(DeltaWrapper):
+    """LoRA on nn.Embedding: a rank-r correction to the looked-up rows, delta = (B A)^T of shape (vocab, dim)."""
+
+    mergeable = True
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoRA) -> None:
+        super().__init__(base)
+        layer = self.base_layer()
+        weight = layer.weight
+        self.r, self.alpha, self.scale = r, alpha, cfg.scaling(r, alpha)
+        self.lora_A = nn.Parameter(torch.empty(r, layer.num_embeddings, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(layer.embedding_dim, r, dtype=weight.dtype, device=weight.device))
+        init_a(self.lora_A, cfg.init)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        if not self.uses_delta:
+            return out
+        rows = F.embedding(ids, self.lora_A.T, padding_idx=self.base_layer().padding_idx)
+        return out + self.scaled(rows @ self.lora_B.T * self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).T * self.scale
+
+
+def init_a(weight: nn.Parameter, how: str) -> None:
+    with torch.no_grad():
+        if how == "gaussian":
+            nn.init.normal_(weight, std=1.0 / weight.shape[0])
+        else:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def wrapper_class(layer: nn.Module) -> type[DeltaWrapper]:
+    """The LoRA wrapper for a base layer type (Conv1D checked first: it is not an nn.Linear)."""
+    linear, conv1d = linear_types()
+    if isinstance(layer, conv1d):
+        return LoRAConv1D
+    if isinstance(layer, nn.Embedding):
+        return LoRAEmbedding
+    return LoRALinear
+
+
+@register(LoRA)
+def attach(model: nn.Module, cfg: LoRA, att: Attachment) -> None:
+    for path in find_targets(model, cfg.targets, (*linear_types(), nn.Embedding), cfg.layers, "lora"):
+        r, alpha = cfg.rank_and_alpha(path)
+
+        def make(module: nn.Module, r: int = r, alpha: float = alpha) -> DeltaWrapper:
+            layer = module.base_layer() if isinstance(module, DeltaWrapper) else module
+            return wrapper_class(layer)(module, r, alpha, cfg)
+
+        att.modules[path] = wrap_module(model, path, make)
