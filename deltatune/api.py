@@ -62,7 +62,7 @@ def attach(model: nn.Module, *configs: DeltaConfig, name: str = DEFAULT_NAME,
     fingerprint = base_fingerprint(model)
     attachments: list[Attachment] = []
     try:
-        for slot, cfg in zip(_slots(configs), configs):
+        for slot, cfg in zip(_slots(configs), configs, strict=True):
             attachments.append(Attachment(slot, cfg))
             method_for(cfg).attach(model, cfg, attachments[-1])
         delta = Delta(model, name, attachments, train, fingerprint, flags)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoint import check_keys, save_checkpoint
 from .errors import StateError
-from .inject import Attachment, DeltaWrapper, named_base_parameters, remove_module
+from .inject import Attachment, DeltaWrapper, named_base_modules, named_base_parameters, remove_module
 
 TRAIN_PREFIX = "train:"
 
@@ -111,8 +111,25 @@ class Delta:
         inactive = [w for w in self.wrappers() if not w.active]
         if inactive:
             raise StateError(f"delta {self.name!r} is not active; activate it before merging")
+        self._check_no_tied_weights()
         for wrapper in self.wrappers():
             wrapper.merge()
+
+    def _check_no_tied_weights(self) -> None:
+        """Merging into a weight shared with another module (tied input/output embeddings) would change
+        that module too, so the merged model would differ from the unmerged one: refuse instead."""
+        holders: dict[int, list[str]] = {}
+        for path, module in named_base_modules(self.model):
+            for name, param in module.named_parameters(recurse=False):
+                holders.setdefault(id(param), []).append(f"{path}.{name}")
+        for att in self.attachments:
+            for path, wrapper in att.wrappers().items():
+                weight = getattr(wrapper.base_layer(), "weight", None)
+                shared = [h for h in holders.get(id(weight), []) if h != f"{path}.weight"]
+                if shared:
+                    raise StateError(f"cannot merge {att.slot} on {path}: its weight is tied to {shared}, so merging "
+                                     f"would change those too. Keep this delta unmerged, or untie the weights "
+                                     f"(e.g. load the model with tie_word_embeddings=False) before attaching.")
 
     def unmerge(self) -> None:
         """Take the delta weights back out of the base weights (exact up to float rounding)."""

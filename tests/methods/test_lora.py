@@ -1,0 +1,174 @@
+"""LoRA: identity at attach, scaling, gradients, merge/unmerge on Linear, Conv1D and Embedding, dropout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.methods.lora import LoRAConv1D, LoRAEmbedding, LoRALinear
+from tests.conftest import BUILDERS, batch, logits, perturb
+
+TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+def test_identity_at_attach_every_arch(arch):
+    model = BUILDERS[arch]()
+    before = logits(model)
+    delta = dt.attach(model, dt.LoRA(r=4, alpha=8, targets="all-linear"))
+    assert torch.equal(logits(model), before)  # B = 0: bitwise the same, not just close
+    assert delta.num_trainable() > 0
+
+
+def test_a_random_b_zero_and_kaiming_bound():
+    model = BUILDERS["bert"]()
+    delta = dt.attach(model, dt.LoRA(r=4, targets=["query"]))
+    wrapper = delta.wrappers()[0]
+    assert torch.count_nonzero(wrapper.lora_B) == 0
+    bound = 1 / math.sqrt(32)  # kaiming_uniform(a=sqrt(5)) on fan_in 32, as nn.Linear
+    assert wrapper.lora_A.abs().max() <= bound and wrapper.lora_A.std() > bound / 4
+
+
+def test_gaussian_init_std():
+    model = nn.Sequential(nn.Linear(256, 256))
+    delta = dt.attach(model, dt.LoRA(r=16, targets=["0"], init="gaussian"))
+    std = delta.wrappers()[0].lora_A.std().item()
+    assert abs(std - 1 / 16) < 0.01
+
+
+@pytest.mark.parametrize("rslora,expected", [(False, 16 / 4), (True, 16 / 2)])
+def test_scaling_alpha_over_r_and_rslora(rslora, expected):
+    layer = nn.Linear(8, 6)
+    model = nn.Sequential(layer)
+    delta = dt.attach(model, dt.LoRA(r=4, alpha=16, rslora=rslora, targets=["0"]))
+    w = delta.wrappers()[0]
+    perturb(delta)
+    x = torch.randn(5, 8)
+    manual = layer(x) + expected * (x @ w.lora_A.T @ w.lora_B.T)
+    assert torch.allclose(model(x), manual, atol=1e-6)
+    assert w.scale == expected
+
+
+def test_gradients_only_on_delta_and_train_modules():
+    model = BUILDERS["bert"]()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = dt.attach(model, dt.LoRA(r=4, targets=["query", "value"]), train_modules=["classifier"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or n.startswith("classifier.") for n in trainable)
+    assert len(trainable) == 2 * 2 * 2 + 2
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=batch(), labels=torch.tensor([0, 1, 1])).loss.backward()
+        frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+        assert not frozen_grads
+        opt.step()
+    after = dict(model.named_parameters())
+    for name, value in base.items():
+        live = name.replace("query.", "query.base.").replace("value.", "value.base.")
+        if not name.startswith("classifier."):
+            assert torch.equal(after[live], value), name
+    assert any(not torch.equal(p, torch.zeros_like(p)) for k, p in delta.parameters().items() if "lora_B" in k)
+
+
+def test_dropout_only_on_lora_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    delta = dt.attach(model, dt.LoRA(r=4, dropout=0.5, targets=["0"]))
+    x = torch.randn(4, 16)
+    model.train()
+    # B is zero: in train mode with dropout the output must still equal the frozen layer exactly
+    assert torch.equal(model(x), model[0].base(x))
+    perturb(delta)
+    a, b = model(x), model(x)
+    assert not torch.allclose(a, b)  # dropout active on the LoRA path
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("arch,targets,cls", [
+    ("bert", ["query", "value", "intermediate.dense"], LoRALinear),
+    ("gpt2", ["c_attn", "c_fc"], LoRAConv1D),
+    ("llama", ["embed_tokens"], LoRAEmbedding),
+    ("llama", "all-linear", LoRALinear),
+])
+def test_merge_unmerge_equivalence(arch, targets, cls):
+    model = BUILDERS[arch]()
+    delta = dt.attach(model, dt.LoRA(r=4, alpha=8, targets=targets))
+    assert all(isinstance(w, cls) for w in delta.wrappers())
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    perturb(delta)
+    tuned = logits(model)
+    delta.merge()
+    assert delta.is_merged
+    assert torch.allclose(logits(model), tuned, atol=1e-5)
+    # merged: the forward pass touches no LoRA parameter (only they require grad, and the output doesn't)
+    assert not model(input_ids=batch()).logits.requires_grad
+    delta.unmerge()
+    assert torch.allclose(logits(model), tuned, atol=1e-5)
+    for name, value in weights.items():
+        assert torch.allclose(dict(model.named_parameters())[name], value, atol=1e-6), name
+
+
+def test_merged_weight_equals_w_plus_scaled_ba():
+    layer = Conv1D(6, 8)  # GPT-2 layout: weight (in=8, out=6)
+    model = nn.Sequential(layer)
+    delta = dt.attach(model, dt.LoRA(r=2, alpha=4, targets=["0"]))
+    perturb(delta)
+    w = delta.wrappers()[0]
+    expected = layer.weight.detach() + (2.0 * w.lora_B @ w.lora_A).T
+    delta.merge()
+    assert torch.allclose(layer.weight, expected, atol=1e-6)
+
+
+def test_layers_selection():
+    model = BUILDERS["bert"]()
+    delta = dt.attach(model, dt.LoRA(r=2, targets=["query"], layers=[1]))
+    assert list(delta.attachments[0].modules) == ["bert.encoder.layer.1.attention.self.query"]
+
+
+def test_rank_and_alpha_pattern():
+    model = BUILDERS["llama"]()
+    cfg = dt.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                  alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2.0})
+    delta = dt.attach(model, cfg)
+    ranks = {p: (w.r, w.alpha) for p, w in delta.attachments[0].wrappers().items()}
+    assert ranks["model.layers.0.self_attn.v_proj"] == (2, 8)
+    assert ranks["model.layers.1.self_attn.q_proj"] == (4, 2.0)
+    assert ranks["model.layers.0.self_attn.q_proj"] == (4, 8)
+
+
+def test_all_linear_skips_head_and_keeps_backbone():
+    model = BUILDERS["bert"]()
+    delta = dt.attach(model, dt.LoRA(targets="all-linear"))
+    paths = list(delta.attachments[0].modules)
+    assert "classifier" not in paths and all(p.startswith("bert.") for p in paths)
+    llama = BUILDERS["llama"]()
+    paths = list(dt.attach(llama, dt.LoRA(targets="all-linear")).attachments[0].modules)
+    assert "lm_head" not in paths and len(paths) == 2 * 7
+
+
+def test_regex_and_full_name_targets():
+    model = BUILDERS["bert"]()
+    d = dt.attach(model, dt.LoRA(targets=[r"re:.*layer\.0\.attention\.self\.(query|key)",
+                                          "bert.encoder.layer.1.output.dense"]))
+    assert sorted(d.attachments[0].modules) == ["bert.encoder.layer.0.attention.self.key",
+                                                "bert.encoder.layer.0.attention.self.query",
+                                                "bert.encoder.layer.1.output.dense"]
+
+
+def test_generate_and_compile_keep_working():
+    model = BUILDERS["llama"]()
+    delta = dt.attach(model, dt.LoRA(r=2, targets="all-linear"))
+    perturb(delta, std=0.05)
+    ids = batch(size=1, length=5)
+    cached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
+    uncached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape[1] == 10
+    compiled = torch.compile(model, backend="eager")
+    assert torch.allclose(compiled(input_ids=ids).logits, logits(model, ids), atol=1e-6)
