@@ -10,19 +10,37 @@
 __version__ = "0.1.0"
 
 from .api import attach, detach, load, merge_and_save
+from .auto.budget import RankBudget
+from .compose.algebra import combine
+from .compose.extract import extract_lora
+from .compose.gates import Gates
+from .compose.named import activate, active, deactivate, deltas, load_all, save_all
+from .compose.presets import MAM, UniPELT
+from .compose.routing import route
 from .core.delta import Delta
 from .core.errors import (AttachError, BaseModelMismatchError, CheckpointError, CheckpointNotFoundError,
                           ConfigError, DeltaError, StateError, TargetError)
 from .inspect import inspect
 from .interop.peft import export_peft, import_peft
 from .methods import LoRA
+from .methods.adapter import Adapter
+from .methods.bitfit import BitFit
+from .methods.ia3 import IA3
+from .methods.ipt import IntrinsicPromptTuning, fit_intrinsic_subspace
+from .methods.prefix import PrefixTuning
+from .methods.prompt import PromptTuning
 
 __all__ = [
     "__version__",
     # verbs
     "attach", "detach", "load", "merge_and_save", "inspect", "export_peft", "import_peft",
+    # named deltas, routing, algebra (compose/)
+    "activate", "active", "deactivate", "deltas", "route", "save_all", "load_all", "combine", "extract_lora",
+    # combinations: gates and presets (compose/)
+    "Gates", "UniPELT", "MAM",
     # methods
-    "LoRA",
+    "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
+    "fit_intrinsic_subspace",
     # types and errors
     "Delta", "DeltaError", "ConfigError", "TargetError", "AttachError", "StateError", "CheckpointError",
     "CheckpointNotFoundError", "BaseModelMismatchError",

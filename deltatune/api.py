@@ -8,14 +8,16 @@ from pathlib import Path
 
 from torch import nn
 
+from .compose.presets import expand_configs
 from .core.checkpoint import atomic_directory, check_fingerprint, read_meta, read_tensors
 from .core.checkpoint import fingerprint as base_fingerprint
 from .core.config import DeltaConfig, config_from_dict
 from .core.delta import Delta, deltas_of, undo_attachment
 from .core.errors import AttachError, CheckpointError, ConfigError, StateError
 from .core.inject import Attachment, base_state_dict, named_base_parameters
-from .core.targets import Targets, find_modules
+from .core.targets import Targets, find_modules, find_task_heads
 from .methods import config_classes, method_for
+from .methods.train_modules import TrainModules
 
 DEFAULT_NAME = "default"
 
@@ -38,40 +40,68 @@ def _check_request(model: nn.Module, configs: Sequence[DeltaConfig], name: str) 
         raise ConfigError("dt.attach needs at least one method config, e.g. dt.attach(model, dt.LoRA(r=8))")
     for cfg in configs:
         method_for(cfg)
-        cfg.validate()  # fields may have been changed since construction
+        cfg.check()  # fields may have been changed since construction
     if name in deltas_of(model):
         raise AttachError(f"a delta named {name!r} is already attached to this model; pass name='...' to add "
                           f"another one, or detach the existing one first (attached: {sorted(deltas_of(model))})")
 
 
-def attach(model: nn.Module, *configs: DeltaConfig, name: str = DEFAULT_NAME,
-           train_modules: Targets | None = None) -> Delta:
+def _check_no_tensor_twice(delta: Delta) -> None:
+    """Two methods (two BitFit configs, or BitFit targets and train_modules) marking the same existing
+    tensor would count it twice and make the checkpoint unwritable (safetensors refuses shared tensors)."""
+    seen: dict[int, str] = {}
+    for key, param in delta.parameters().items():
+        if id(param) in seen:
+            raise AttachError(f"delta {delta.name!r} would train the same tensor twice, as {seen[id(param)]!r} and "
+                              f"{key!r}; drop the duplicate method config or the overlapping train_modules")
+        seen[id(param)] = key
+
+
+def _train_modules_config(model: nn.Module, train_modules: Targets | None) -> list[DeltaConfig]:
+    """``train_modules`` as a config: "auto" picks a classification model's new head, None/[] nothing."""
+    if isinstance(train_modules, str) and train_modules == "auto":
+        names = find_task_heads(model)
+    else:
+        names = find_modules(model, train_modules or [])
+    return [TrainModules(modules=names)] if names else []
+
+
+def attach(model: nn.Module, *configs: DeltaConfig | Sequence[DeltaConfig], name: str = DEFAULT_NAME,
+           train_modules: Targets | None = "auto", gates: bool | DeltaConfig = False) -> Delta:
     """Attach one or several delta methods to ``model`` in place and freeze everything else.
 
     Only the new delta's parameters and the ``train_modules`` (e.g. ``["classifier"]``, same name syntax
-    as targets) require grad afterwards. The new delta becomes the active one. On any error the model is
-    left exactly as it was.
+    as targets) require grad afterwards. ``train_modules`` are trained as copies held by the delta (the
+    originals stay untouched); the default ``"auto"`` trains the task head of a classification model
+    (``classifier``, ``score``, ...) and nothing on other models; ``None`` trains no whole module. The new delta becomes the active one. On any error the model is
+    left exactly as it was. A config may be a preset's list of configs (``dt.MAM()``); ``gates=True``
+    (or a ``dt.Gates(...)``) adds a learned per-layer gate per method (UniPELT, see compose/gates.py).
 
     Raises:
         ConfigError: a config field is invalid. TargetError: targets match nothing usable.
         AttachError: the name is taken, or the delta would train nothing.
     """
+    configs = expand_configs(configs, gates)
     _check_request(model, configs, name)
-    train = {p: model.get_submodule(p) for p in find_modules(model, train_modules or [])}
+    configs = [*configs, *_train_modules_config(model, train_modules)]
     flags = {n: p.requires_grad for n, p in named_base_parameters(model)}
     fingerprint = base_fingerprint(model)
     attachments: list[Attachment] = []
     try:
         for slot, cfg in zip(_slots(configs), configs, strict=True):
             attachments.append(Attachment(slot, cfg))
-            method_for(cfg).attach(model, cfg, attachments[-1])
-        delta = Delta(model, name, attachments, train, fingerprint, flags)
+            method = method_for(cfg)
+            method.attach(model, cfg, attachments[-1], *([attachments[:-1]] if method.sees_delta else []))
+        delta = Delta(model, name, attachments, fingerprint, flags)
         if delta.num_trainable() == 0:
             raise AttachError(f"delta {name!r} ({', '.join(c.describe() for c in configs)}) has no trainable "
                               f"parameters on this model; check its targets or add train_modules")
+        _check_no_tensor_twice(delta)
     except BaseException:
         for att in reversed(attachments):
             undo_attachment(model, att)
+        for n, param in named_base_parameters(model):  # undo freezes what a method marked (BitFit biases)
+            param.requires_grad_(flags.get(n, param.requires_grad))
         raise
     for other in deltas_of(model).values():
         if not other.is_merged:
@@ -111,8 +141,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from e
     tensors = read_tensors(where, meta)
-    delta = attach(model, *configs, name=name or meta.get("name", DEFAULT_NAME),
-                   train_modules=meta.get("train_modules") or None)
+    delta = attach(model, *configs, name=name or meta.get("name", DEFAULT_NAME), train_modules=None)
     try:
         delta.load_state_dict(tensors, where)
     except BaseException:

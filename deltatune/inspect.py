@@ -29,15 +29,15 @@ def _module_rows(delta: Delta) -> list[tuple[str, str, str, int]]:
             rows.append((path, f"{att.slot} {kind} {_layer_desc(module)}{' ' + extra if extra else ''}", "", n))
         for name, p in att.existing.items():
             rows.append((name, f"{att.slot} trains existing {tuple(p.shape)}", "", p.numel()))
-    for path, module in delta.train_modules.items():
-        rows.append((path, f"train_modules {type(module).__name__}", "", sum(p.numel() for p in module.parameters())))
     return rows
 
 
 def _tree(rows: list[tuple[str, str, str, int]]) -> list[str]:
     """Indent rows as a module tree: shared path prefixes are printed once."""
     lines, printed = [], set()
-    for path, what, _, n in rows:
+    # natural order (layer.2 before layer.10) keeps each subtree contiguous across the delta's methods
+    for path, what, _, n in sorted(rows, key=lambda row: [(0, int(p), "") if p.isdigit() else (1, 0, p)
+                                                          for p in row[0].split(".")]):
         parts = path.split(".")
         for depth in range(len(parts) - 1):
             prefix = ".".join(parts[: depth + 1])

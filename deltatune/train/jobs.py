@@ -1,0 +1,282 @@
+"""What each CLI command does, as plain functions (the CLI only parses arguments and prints).
+
+``train`` builds a run directory::
+
+    runs/<name>/config.yaml      the resolved config (labels included)
+               metrics.jsonl    train / eval records
+               best/ last/      delta checkpoints (dt.load-able)
+               state/           training state for --resume
+               summary.json report.md loss.png eval.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from inspect import signature as inspect_signature
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..api import attach, load, merge_and_save
+from ..core.checkpoint import CONFIG_FILE, TENSORS_FILE
+from ..core.errors import CheckpointNotFoundError, ConfigError
+from ..inspect import inspect
+from ..interop.peft import export_peft
+from . import distributed
+from .batches import Encoded
+from .config import RunConfig, check_paths, dump_yaml, load_config, read_yaml
+from .data import alpaca_prompt, load_split
+from .loop import Loop, MetricsLog, Session, autocast_dtype, evaluate, seed_everything
+from .models import check_vocab, guess_task, load_model, load_tokenizer, run_dir_of, train_module_names
+from .report import write_report
+
+log = logging.getLogger(__name__)
+RUN_FILES = ("state", "best", "last", "metrics.jsonl", "config.yaml", "summary.json", "report.md", "loss.png",
+             "eval.png")
+VOLATILE = {("train", "progress"), ("train", "device"), ("train", "num_threads")}  # may differ on --resume
+
+
+# -- train ------------------------------------------------------------------------------------------
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a used run dir needs --resume (continue) or --overwrite (start over)."""
+    used = run_dir.exists() and any((run_dir / name).exists() for name in RUN_FILES)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if resume and not (run_dir / "state").exists() and not (run_dir / ".state.old").exists():
+        raise CheckpointNotFoundError(f"nothing to resume in {run_dir}: no training state there (state/ is written "
+                                      f"every train.save_every steps). Run without --resume to start it")
+    if used and not resume and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
+                          f"again (its checkpoints are deleted), or --output_dir DIR for a new one")
+
+
+def _differences(old: Any, new: Any, path: tuple = ()) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) if path + (k,) not in VOLATILE
+                for d in _differences(old.get(k), new.get(k), path + (k,))]
+    return [] if old == new else [f"{'.'.join(map(str, path))}: {old!r} -> {new!r}"]
+
+
+def init_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Resume: the config must be the one the run started with. Otherwise write config.yaml afresh."""
+    if resume:
+        changed = _differences(read_yaml(run_dir / "config.yaml"), cfg.to_dict())
+        if changed:
+            raise ConfigError(f"--resume needs the config the run started with, but {len(changed)} value(s) differ: "
+                              f"{'; '.join(changed[:5])}. Use the original config, or start a new run")
+        return
+    if overwrite:
+        for name in RUN_FILES:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+
+def load_data(cfg: RunConfig, info: distributed.Dist) -> tuple[Any, Encoded, Encoded | None]:
+    """Tokenizer and tokenised splits (rank 0 first, so it fills the cache the others then read)."""
+    tokenizer = load_tokenizer(cfg.model)
+    with distributed.main_first(info):
+        train_set = load_split(cfg, tokenizer, "train")
+        eval_set = load_split(cfg, tokenizer, "validation", train_set.label_names) if cfg.data.validation else None
+    log.info("data: %d training examples, %s evaluation examples", len(train_set),
+             len(eval_set) if eval_set is not None else "no")
+    return tokenizer, train_set, eval_set
+
+
+def build_model(cfg: RunConfig, label_names: list[str] | None, pad_id: int, device: torch.device):
+    """The base model with the configured delta attached (same seed: same init on every process)."""
+    seed_everything(cfg.seed)
+    model, new = load_model(cfg, label_names, pad_id)
+    if cfg.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it "
+                              f"to false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    delta = attach(model, *cfg.delta_configs(), train_modules=train_module_names(cfg, model, new) or None)
+    log.info("delta: %s; %s", " + ".join(describe_method(c) for c in delta.configs), delta.summary())
+    return model, delta
+
+
+def cpu_threads(configured: int | None, world: int = 1) -> int:
+    """CPU threads per process: as configured, else torch's default shared out among processes, but 1 when
+    other work already keeps every core busy (1-minute load average >= cores - 0.5).
+
+    Why: torch's OpenMP threads wait for each other at every operator; when the OS deschedules one of them,
+    the others wait a whole time slice. On 2 busy cores a MiniLM LoRA step took 4.3-5.7 s with 2 threads and
+    0.46-0.79 s with 1 (measured while writing this); on idle cores 2 threads are the faster choice.
+    """
+    if configured:
+        return configured
+    cores = os.cpu_count() or 1
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores - 0.5
+    threads = 1 if busy else max(1, torch.get_num_threads() // world)
+    log.info("using %d CPU thread(s) per process%s", threads, " (the machine is busy)" if busy else "")
+    return threads
+
+
+def drop_unused_inputs(model, *splits: Encoded | None) -> None:
+    """Forget token type ids the model does not take (a BERT-style tokenizer in front of a decoder)."""
+    if "token_type_ids" not in inspect_signature(model.forward).parameters:
+        for split in splits:
+            if split is not None:
+                split.token_type_ids = None
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or continue) the job described by ``cfg``; returns the summary written to summary.json."""
+    info = distributed.setup(cfg.train.device)
+    try:
+        if info.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(cfg.train.num_threads, info.world))
+        run_dir = Path(cfg.output_dir)
+        check_run_dir(run_dir, resume, overwrite)
+        tokenizer, train_set, eval_set = load_data(cfg, info)
+        cfg = cfg.model_copy(deep=True)
+        if train_set.label_names is not None:
+            cfg.data.labels = train_set.label_names
+        if info.is_main:
+            init_run_dir(run_dir, cfg, resume, overwrite)
+        distributed.barrier(info)
+        model, delta = build_model(cfg, train_set.label_names, tokenizer.pad_token_id, info.device)
+        check_vocab(model, cfg.model.tokenizer or cfg.model.path, tokenizer.pad_token_id, train_set, eval_set)
+        loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info))
+        loop.start(resume)
+        progress = loop.run()
+        summary = write_summary(run_dir, cfg, delta, progress) if info.is_main else {}
+        if info.is_main:
+            write_report(run_dir)
+        return summary
+    finally:
+        distributed.cleanup(info)
+
+
+def describe_method(config) -> str:
+    """``lora(r=8, alpha=16.0, dropout=0.0, targets='all-linear')``: the first fields, defaults included."""
+    fields = list(config.to_dict().items())[1:5]
+    return f"{config.method}({', '.join(f'{k}={v!r}' for k, v in fields)})"
+
+
+def write_summary(run_dir: Path, cfg: RunConfig, delta, progress) -> dict[str, Any]:
+    evals = [r for r in MetricsLog.read(run_dir / "metrics.jsonl") if r.get("type") == "eval"]
+    checkpoint = run_dir / "last" / TENSORS_FILE
+    summary = {
+        "run_dir": str(run_dir), "task": cfg.task, "model": cfg.model.path,
+        "methods": " + ".join(describe_method(c) for c in delta.configs), "trainable_params": delta.num_trainable(),
+        "total_params": delta.num_total(), "trainable_percent": 100 * delta.num_trainable() / delta.num_total(),
+        "checkpoint_bytes": checkpoint.stat().st_size if checkpoint.exists() else None,
+        "train_time_s": round(progress.elapsed_s, 2), "steps": progress.step, "metric": cfg.train.metric,
+        "best_metric": progress.best_metric, "best_step": progress.best_step,
+        "final_eval": evals[-1] if evals else None,
+        "best_checkpoint": str(run_dir / "best") if (run_dir / "best").exists() else None,
+        "last_checkpoint": str(run_dir / "last"),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# -- using a trained delta --------------------------------------------------------------------------
+
+def locate(target: str, checkpoint: str | None = None, model: str | None = None, task: str | None = None,
+           overrides: list[tuple[str, Any]] | None = None, check_files: bool = False) -> tuple[RunConfig, Path | None]:
+    """The run config and delta checkpoint meant by ``target``: a run dir, a checkpoint in one, or a bare
+    checkpoint (then ``model`` names the base). ``checkpoint`` may be best, last or a directory."""
+    path = Path(target)
+    run = run_dir_of(path)
+    if run is not None:
+        cfg = load_config(run / "config.yaml", overrides, check_files=check_files)
+        own = path if (path / CONFIG_FILE).exists() else None
+        chosen = {"best": run / "best", "last": run / "last"}.get(checkpoint or "", checkpoint)
+        where = Path(chosen) if chosen else own or (run / "best" if (run / "best").exists() else run / "last")
+    elif (path / CONFIG_FILE).exists() or model is not None:
+        if model is None:
+            raise ConfigError(f"{path} is a checkpoint outside a run directory; pass --model with its base model")
+        extra = [("model.path", model), ("task", task or guess_task(model))] + list(overrides or [])
+        cfg = load_config(None, extra, check_files=check_files)
+        where = Path(checkpoint) if checkpoint else (path if (path / CONFIG_FILE).exists() else None)
+    else:
+        raise CheckpointNotFoundError(f"{path} is neither a run directory (with config.yaml) nor a delta checkpoint "
+                                      f"(with {CONFIG_FILE}); pass a run dir, e.g. runs/default")
+    if model is not None:
+        cfg.model.path = model
+    return cfg, where
+
+
+def loaded_model(cfg: RunConfig, checkpoint: Path | None, device: str = "cpu"):
+    """Tokenizer, and the base model with the checkpoint's delta loaded (or bare when None)."""
+    tokenizer = load_tokenizer(cfg.model)
+    model, _ = load_model(cfg, cfg.data.labels, tokenizer.pad_token_id)
+    model.to(device).eval()
+    delta = load(model, checkpoint) if checkpoint is not None else None
+    return tokenizer, model, delta
+
+
+def run_eval(cfg: RunConfig, checkpoint: Path | None) -> dict[str, float]:
+    """Metrics of the delta on ``data.validation``."""
+    if cfg.data.validation is None:
+        raise ConfigError("nothing to evaluate: data.validation is not set; pass --data.validation FILE")
+    check_paths(cfg)
+    info = distributed.setup(cfg.train.device)
+    tokenizer, model, _ = loaded_model(cfg, checkpoint, str(info.device))
+    data = load_split(cfg, tokenizer, "validation", cfg.data.labels)
+    drop_unused_inputs(model, data)
+    kwargs = {} if cfg.task == "classification" else {"use_cache": False}
+    started = time.perf_counter()
+    found = evaluate(model, data, tokenizer.pad_token_id, cfg.train.eval_batch_size, info,
+                     autocast_dtype(cfg.train.precision, info.device), kwargs)
+    return {**found, "examples": len(data), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def inspect_model(model_path: str, methods: list[dict[str, Any]], task: str | None,
+                  train_modules: list[str] | None) -> str:
+    """dt.inspect of the model with the given method configs attached (nothing attached: the bare model)."""
+    cfg = load_config(None, [("model.path", model_path), ("task", task or guess_task(model_path))]
+                      + ([("delta", methods)] if methods else []), check_files=False)
+    model, new = load_model(cfg)
+    if methods:
+        names = train_modules if train_modules is not None else train_module_names(cfg, model, new)
+        attach(model, *cfg.delta_configs(), train_modules=names or None)
+    return inspect(model)
+
+
+def merge(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
+    """A standalone model with the delta folded in (plain transformers loads it), plus its tokenizer."""
+    tokenizer, _, delta = loaded_model(cfg, checkpoint)
+    merge_and_save(delta, out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export(cfg: RunConfig, checkpoint: Path, out: Path, fmt: str) -> Path:
+    if fmt != "peft":
+        raise ConfigError(f"export format {fmt!r} is not supported; use --format peft (or `deltatune merge` for a "
+                          f"standalone merged model)")
+    _, _, delta = loaded_model(cfg, checkpoint)
+    return export_peft(delta, out)
+
+
+def generate(cfg: RunConfig, checkpoint: Path | None, prompt: str, max_new_tokens: int, temperature: float,
+             template: bool | None = None) -> str:
+    """Continue ``prompt`` with the causal LM (+ delta); instruction runs wrap it in the Alpaca template."""
+    if cfg.task == "classification":
+        raise ConfigError("generate needs a causal LM run (task causal_lm or instruction); this run is "
+                          "classification: use `deltatune eval`")
+    tokenizer, model, _ = loaded_model(cfg, checkpoint)
+    if template if template is not None else cfg.task == "instruction":
+        prompt = alpaca_prompt(prompt)
+    ids = {k: v for k, v in tokenizer(prompt, return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    seed_everything(cfg.seed)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

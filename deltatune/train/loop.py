@@ -1,0 +1,353 @@
+"""The training loop: plain PyTorch, one optimizer step per ``_step`` call, everything else a call.
+
+Per step: forward/backward over ``grad_accum`` micro-batches (autocast in bf16/fp16 where asked), average
+gradients and loss over processes, stop on a non-finite loss BEFORE the update (so the weights and the last
+checkpoint stay good), clip, step AdamW (separate learning rates for the delta and for ``train_modules``
+such as a new head), step the warm-up + linear/cosine schedule. After the step: log, evaluate when due
+(keeping the best delta), write the training state when due. Batches are a pure function of (seed, epoch),
+and the state holds RNG states and the data position, so a resumed run is the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.delta import TRAIN_PREFIX, Delta
+from ..core.errors import ConfigError, DeltaError
+from . import distributed
+from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
+from .config import RunConfig, TrainConfig
+from .metrics import classification_metrics, is_better, perplexity
+from .state import Progress, load_state, rng_state, save_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(DeltaError, FloatingPointError):
+    """The loss (or gradient norm) became NaN or infinite; training stopped before the bad update."""
+
+
+@dataclasses.dataclass
+class Session:
+    """What one training run works on (built by ``jobs.prepare``)."""
+
+    cfg: RunConfig
+    model: nn.Module
+    delta: Delta
+    train_set: Encoded
+    eval_set: Encoded | None
+    pad_id: int
+    run_dir: Path
+    dist: distributed.Dist
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(delta: Delta, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one group for the delta and one for ``train_modules`` (its own learning rate)."""
+    groups: dict[str, list[nn.Parameter]] = {"delta": [], "head": []}
+    for key, param in delta.parameters().items():
+        groups["head" if key.startswith(TRAIN_PREFIX) else "delta"].append(param)
+    lrs = {"delta": t.learning_rate, "head": t.head_learning_rate or t.learning_rate}
+    return torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
+                             lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at ``step`` (HF's definitions: linear warm-up from 0, then decay)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    done = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - done) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` on ``device`` (None: plain fp32)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.precision fp16 needs a CUDA GPU (device is {device}); use bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info: distributed.Dist,
+             dtype: torch.dtype | None = None, forward_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """``eval_*`` metrics of ``model`` on ``data``; every process evaluates a share, results are gathered."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count, preds, labels = torch.zeros((), device=info.device), 0, [], []
+    autocast = torch.autocast(info.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    for indices in eval_batches(data.lengths(), batch_size, info.world, info.rank):
+        batch = {k: v.to(info.device) for k, v in collate(data, indices, pad_id).items()}
+        with autocast:
+            out = model(**batch, **(forward_kwargs or {}))
+        n = int((batch["labels"][:, 1:] != IGNORE).sum()) if data.per_token_labels else len(indices)
+        loss_sum += out.loss.float() * n
+        count += n
+        if not data.per_token_labels:
+            preds.append(out.logits.argmax(-1).cpu())
+            labels.append(batch["labels"].cpu())
+    model.train(was_training)
+    parts = distributed.gather(info, (loss_sum.item(), count, torch.cat(preds) if preds else None,
+                                      torch.cat(labels) if labels else None))
+    mean_loss = sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
+    if data.per_token_labels:
+        return {"eval_loss": mean_loss, "eval_perplexity": perplexity(mean_loss)}
+    found = classification_metrics(torch.cat([p[2] for p in parts if p[2] is not None]),
+                                   torch.cat([p[3] for p in parts if p[3] is not None]), len(data.label_names))
+    return {"eval_loss": mean_loss, **{f"eval_{k}": v for k, v in found.items()}}
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON record per line, appended as training goes (rank 0 only)."""
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
+        self.path = path
+        kept = [r for r in self.read(path) if keep_until is not None and r.get("step", 0) <= keep_until]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)  # a resumed run drops what the killed one logged after its last state
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut short by kill -9
+                records.append(json.loads(line))
+        return records
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Loop:
+    """Trains ``session.delta`` as ``session.cfg.train`` says; ``run`` returns the final Progress."""
+
+    def __init__(self, session: Session) -> None:
+        self.s, self.t = session, session.cfg.train
+        self.model, self.dist = session.model, session.dist
+        self.params = list(session.delta.parameters().values())
+        self.lengths = session.train_set.lengths()
+        self.optimizer = build_optimizer(session.delta, self.t)
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.batches_per_epoch = len(self._batches(0))
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"the training set ({len(session.train_set)} examples) is smaller than one batch "
+                              f"per process; lower train.batch_size or use fewer processes")
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.t.grad_accum)
+        self.total = self.t.max_steps or self.t.epochs * steps_per_epoch
+        warmup = self.t.warmup_steps if self.t.warmup_steps is not None else round(self.t.warmup_ratio * self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.total, warmup, self.t.schedule))
+        self.dtype = autocast_dtype(self.t.precision, self.dist.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.forward_kwargs = {} if session.cfg.task == "classification" else {"use_cache": False}
+        self.progress = Progress()
+        self.saved_step: int | None = None
+        self.window = {"loss": 0.0, "steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0}
+        self.metrics: MetricsLog | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, train_batches(self.lengths, self.t.batch_size, self.s.cfg.seed, epoch,
+                                                      self.s.cfg.data.group_by_length, self.dist.world,
+                                                      self.dist.rank))
+        return self._epoch_cache[1]
+
+    def start(self, resume: bool) -> None:
+        """Fresh: seed this process' RNGs. Resume: restore weights, optimizer, schedule, RNGs and position."""
+        state_dir = self.s.run_dir / "state"
+        if resume:
+            loaded = load_state(state_dir, self.optimizer)
+            if len(loaded.rng) != self.dist.world:
+                raise ConfigError(f"{state_dir} was written by {len(loaded.rng)} process(es); resume it with the "
+                                  f"same number of processes (now {self.dist.world})")
+            self.s.delta.load_state_dict(loaded.delta, state_dir)
+            self.optimizer.load_state_dict(loaded.optimizer)
+            self.scheduler.load_state_dict(loaded.scheduler)
+            if self.scaler is not None and loaded.scaler:
+                self.scaler.load_state_dict(loaded.scaler)
+            set_rng_state(loaded.rng[self.dist.rank])
+            self.progress, self.saved_step = loaded.progress, loaded.progress.step
+            log.info("resumed %s at step %d/%d (epoch %d)", self.s.run_dir, self.progress.step, self.total,
+                     self.progress.epoch + 1)
+        else:
+            seed_everything(self.s.cfg.seed + self.dist.rank)
+            distributed.broadcast_parameters(self.dist, self.params)
+        if self.dist.is_main:
+            self.metrics = MetricsLog(self.s.run_dir / "metrics.jsonl", self.progress.step if resume else None)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(self) -> Progress:
+        p = self.progress
+        began = time.perf_counter() - p.elapsed_s
+        self.model.train()
+        with self._bar() as bar:
+            while p.step < self.total:
+                batches = self._batches(p.epoch)
+                group = batches[p.batch:p.batch + self.t.grad_accum]
+                tick = time.perf_counter()
+                loss = self._step(group)
+                p.step, p.batch = p.step + 1, p.batch + len(group)
+                epoch_end = p.batch >= len(batches)
+                if epoch_end:
+                    p.epoch, p.batch = p.epoch + 1, 0
+                p.elapsed_s = time.perf_counter() - began
+                self._account(loss, group, time.perf_counter() - tick, bar)
+                self._after_step(epoch_end, last=p.step == self.total)
+        distributed.check_agreement(self.dist, self.params)
+        if self.dist.world > 1:
+            log.info("all %d processes hold identical trained weights", self.dist.world)
+        return p
+
+    def _step(self, group: list[list[int]]) -> float:
+        """One optimizer step over the micro-batches in ``group``; raises before updating on a NaN/inf loss."""
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for indices in group:
+            batch = self._device_batch(self.s.train_set, indices)
+            with self._autocast():
+                loss = self.model(**batch, **self.forward_kwargs).loss / len(group)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += loss.detach().float()
+        loss = distributed.average_gradients(self.dist, self.params, loss_sum).item()
+        if not math.isfinite(loss):
+            self._diverged("loss", loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.t.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm)
+            if self.scaler is None and not torch.isfinite(norm):
+                self._diverged("gradient norm", norm.item())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _after_step(self, epoch_end: bool, last: bool) -> None:
+        step, every = self.progress.step, self.t.eval_every
+        if self.s.eval_set is not None and every != "never" and self.progress.last_eval_step != step and (
+                last or (epoch_end if every == "epoch" else step % every == 0)):
+            self.evaluate_and_keep_best()
+        if last or epoch_end or (self.t.save_every is not None and step % self.t.save_every == 0):
+            self.progress.finished = last
+            self.checkpoint()
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.s.eval_set, self.s.pad_id, self.t.eval_batch_size, self.dist, self.dtype,
+                        self.forward_kwargs)
+
+    def evaluate_and_keep_best(self) -> dict[str, float]:
+        p = self.progress
+        found = self.evaluate()
+        p.last_eval_step = p.step
+        metric = self.t.metric
+        value = found[f"eval_{metric}"]
+        if is_better(metric, value, p.best_metric):
+            p.best_metric, p.best_step = value, p.step
+            if self.dist.is_main:
+                self.s.delta.save(self.s.run_dir / "best")
+        record = {"type": "eval", "step": p.step, "epoch": self._epoch_float(), **found}
+        if self.metrics is not None:
+            self.metrics.write(record)
+        shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in found.items())
+        log.info("step %d/%d eval: %s%s", p.step, self.total, shown, " (best)" if p.best_step == p.step else "")
+        return found
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Write the last delta and the training state (atomic; every process contributes its RNG state)."""
+        states = distributed.gather(self.dist, rng_state())
+        if self.dist.is_main:
+            self.s.delta.save(self.s.run_dir / "last")
+            save_state(self.s.run_dir / "state", self.s.delta, self.optimizer, self.scheduler, self.scaler,
+                       self.progress, states)
+        self.saved_step = self.progress.step
+        distributed.barrier(self.dist)
+
+    def _diverged(self, what: str, value: float) -> None:
+        p = self.progress
+        kept = (f"the last good checkpoint is {self.s.run_dir / 'last'} with the training state at step "
+                f"{self.saved_step}" if self.saved_step is not None else "no checkpoint had been written yet")
+        message = (f"{what} is {value} at step {p.step + 1} (epoch {p.epoch + 1}); training stopped before this "
+                   f"update, and {kept}. Lower train.learning_rate (now {self.t.learning_rate}), keep "
+                   f"train.max_grad_norm set, or use train.precision fp32, then start the run again.")
+        if self.metrics is not None:
+            self.metrics.write({"type": "error", "step": p.step + 1, "message": message})
+        self.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(message)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _device_batch(self, data: Encoded, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in collate(data, indices, self.s.pad_id).items()}
+
+    def _autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def _epoch_float(self) -> float:
+        return round(self.progress.epoch + self.progress.batch / self.batches_per_epoch, 4)
+
+    def _show_bar(self) -> bool:
+        if self.t.progress != "auto":
+            return self.t.progress == "always" and self.dist.is_main
+        return self.dist.is_main and sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("true", "1")
+
+    def _bar(self):
+        return tqdm(total=self.total, initial=self.progress.step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not self._show_bar(), file=sys.stderr)
+
+    def _account(self, loss: float, group: list[list[int]], seconds: float, bar) -> None:
+        """Throughput window and progress bar; a ``train`` record every ``log_every`` steps."""
+        w, p = self.window, self.progress
+        w["loss"] += loss
+        w["steps"] += 1
+        w["examples"] += sum(len(b) for b in group) * self.dist.world  # approximately global (equal shares)
+        w["tokens"] += sum(self.lengths[i] for b in group for i in b) * self.dist.world
+        w["seconds"] += seconds
+        lr = self.scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if p.step % self.t.log_every and p.step != self.total:
+            return
+        record = {"type": "train", "step": p.step, "epoch": self._epoch_float(), "loss": w["loss"] / w["steps"],
+                  "lr": lr, "examples_per_s": w["examples"] / w["seconds"], "tokens_per_s": w["tokens"] / w["seconds"],
+                  "elapsed_s": round(p.elapsed_s, 2)}
+        if len(self.optimizer.param_groups) > 1:
+            record["head_lr"] = self.scheduler.get_last_lr()[1]
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if bar.disable and (p.step % max(1, self.total // 10) < self.t.log_every or p.step == self.total):
+            log.info("step %d/%d loss %.4f lr %.2e %.1f examples/s", p.step, self.total, record["loss"], lr,
+                     record["examples_per_s"])
+        self.window = {"loss": 0.0, "steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0}

@@ -1,0 +1,188 @@
+"""The training loop end to end on a tiny BERT: it learns, writes a complete run dir, resumes exactly
+(also after a real kill -9), and stops cleanly on a NaN loss keeping the last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import deltatune as dt
+from deltatune.core.errors import CheckpointNotFoundError, ConfigError
+from deltatune.train import jobs
+from deltatune.train.config import load_config
+from deltatune.train.loop import Loop, MetricsLog, TrainingDivergedError, lr_factor
+from tests.train.conftest import base_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_config(tmp_path: Path, model_dir: Path, files, name: str, **train):
+    data = base_overrides(model_dir, files[0], files[1], tmp_path / name, tmp_path / "cache")
+    data["train"].update(train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, load_config(path)
+
+
+def weights(run_dir: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / which / "delta.safetensors")
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in MetricsLog.read(run_dir / "metrics.jsonl") if r["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_bert_dir, sentiment_files):
+    """One uninterrupted run (52 steps, dropout on), the reference for the resume tests."""
+    tmp = tmp_path_factory.mktemp("loop")
+    path, cfg = make_config(tmp, tiny_bert_dir, sentiment_files, "full", epochs=5, max_steps=52)
+    return path, cfg, jobs.train(cfg)
+
+
+def test_a_run_learns_and_leaves_a_complete_run_dir(finished, tiny_bert_dir):
+    _, cfg, summary = finished
+    run = Path(cfg.output_dir)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md", "loss.png", "eval.png",
+                 "best/delta.safetensors", "last/delta.safetensors", "state/delta.safetensors"):
+        assert (run / name).exists(), name
+    train, evals = records(run, "train"), records(run, "eval")
+    assert [r["step"] for r in evals] == [12, 24, 36, 48, 52]  # each epoch end, and the last step (mid-epoch)
+    first, last = (sum(r["loss"] for r in part) / len(part) for part in (train[:3], train[-3:]))
+    assert last < 0.9 * first and evals[-1]["eval_loss"] < 0.85 * evals[0]["eval_loss"]
+    assert evals[-1]["eval_accuracy"] >= 0.8 and summary["best_metric"] == max(r["eval_accuracy"] for r in evals)
+    assert {"step", "loss", "lr", "examples_per_s", "tokens_per_s", "head_lr"} <= set(train[0])
+    assert summary["steps"] == 52 and summary["trainable_params"] < 0.2 * summary["total_params"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["labels"] == ["0", "1"] and saved["train"]["max_steps"] == 52
+    # the best checkpoint reproduces its eval accuracy on a fresh base model
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    dt.load(model, run / "best")
+    assert jobs.run_eval(load_config(run / "config.yaml"), run / "best")["eval_accuracy"] == summary["best_metric"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_reaches_the_same_weights(finished, tmp_path, tiny_bert_dir,
+                                                               sentiment_files, monkeypatch):
+    path, cfg_full, _ = finished
+    _, cfg = make_config(tmp_path, tiny_bert_dir, sentiment_files, "broken", epochs=5, max_steps=52)
+    original = Loop._after_step
+
+    def crash_at_step_13(self, epoch_end, last):
+        original(self, epoch_end, last)
+        if self.progress.step == 13:  # state saved at step 10 and at the epoch end (12): 13 is lost work
+            raise Crash
+
+    monkeypatch.setattr(Loop, "_after_step", crash_at_step_13)
+    with pytest.raises(Crash):
+        jobs.train(cfg)
+    monkeypatch.setattr(Loop, "_after_step", original)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        jobs.train(cfg)
+    jobs.train(cfg, resume=True)
+    done, full = weights(Path(cfg.output_dir)), weights(Path(cfg_full.output_dir))
+    assert done.keys() == full.keys()
+    assert all(torch.equal(done[k], full[k]) for k in full)  # bit for bit
+    steps = [r["step"] for r in records(Path(cfg.output_dir), "train")]
+    assert steps == sorted(set(steps)) and steps[-1] == 52  # the killed run's step 13 log was dropped
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_state(tmp_path, tiny_bert_dir, sentiment_files):
+    _, cfg = make_config(tmp_path, tiny_bert_dir, sentiment_files, "run", max_steps=2)
+    with pytest.raises(CheckpointNotFoundError, match="nothing to resume"):
+        jobs.train(cfg, resume=True)
+    jobs.train(cfg)
+    _, changed = make_config(tmp_path, tiny_bert_dir, sentiment_files, "run", max_steps=2, batch_size=4)
+    with pytest.raises(ConfigError, match=r"train.batch_size: 8 -> 4"):
+        jobs.train(changed, resume=True)
+    summary = jobs.train(cfg, resume=True)  # a finished run resumes to its end at once
+    assert summary["steps"] == 2
+    jobs.train(cfg, overwrite=True)
+    assert len(records(Path(cfg.output_dir), "eval")) == 1
+
+
+def _state_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "state" / "delta_config.json").read_text())["progress"]["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(finished, tmp_path):
+    path, cfg_full, _ = finished
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "true"}
+    cmd = [sys.executable, "-m", "deltatune.cli", "train", str(path), "--output_dir", str(out),
+           "--train.save_every", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _state_step(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _state_step(out)
+    assert proc.returncode == -signal.SIGKILL and 0 < killed_at < 52, (killed_at, proc.stderr.read()[-2000:])
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed {out} at step" in resumed.stderr
+    done, full = weights(out), weights(Path(cfg_full.output_dir))
+    assert all(torch.equal(done[k], full[k]) for k in full)
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert_dir,
+                                                                              sentiment_files, monkeypatch):
+    _, cfg = make_config(tmp_path, tiny_bert_dir, sentiment_files, "nan", max_steps=20)
+    original = Loop.checkpoint
+
+    def poison_after_step_5(self):
+        original(self)
+        if self.progress.step == 5:
+            with torch.no_grad():
+                next(iter(self.s.delta.parameters().values())).fill_(float("nan"))
+
+    monkeypatch.setattr(Loop, "checkpoint", poison_after_step_5)
+    with pytest.raises(TrainingDivergedError) as info:
+        jobs.train(cfg)
+    msg = str(info.value)
+    assert "loss is nan at step 6" in msg and "training state at step 5" in msg and "learning_rate" in msg
+    run = Path(cfg.output_dir)
+    last = weights(run)
+    assert all(torch.isfinite(t).all() for t in last.values())
+    assert _state_step(run) == 5
+    assert records(run, "error")[0]["step"] == 6
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    dt.load(model, run / "last")  # the kept checkpoint loads
+
+
+def test_schedule_warms_up_then_decays():
+    assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_factor(9, 10, 2, "constant") == 1.0
+
+
+def test_grad_accumulation_matches_a_larger_batch(tmp_path, tiny_bert_nodrop_dir, sentiment_files):
+    _, big = make_config(tmp_path, tiny_bert_nodrop_dir, sentiment_files, "big", batch_size=8, max_steps=4,
+                         eval_every="never")
+    _, acc = make_config(tmp_path, tiny_bert_nodrop_dir, sentiment_files, "acc", batch_size=4, grad_accum=2,
+                         max_steps=4, eval_every="never")
+    big.data.group_by_length = acc.data.group_by_length = False  # same examples per step in both runs
+    jobs.train(big)
+    jobs.train(acc)
+    a, b = weights(Path(big.output_dir)), weights(Path(acc.output_dir))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
