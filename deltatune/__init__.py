@@ -18,8 +18,16 @@ from .compose.named import activate, active, deactivate, deltas, load_all, save_
 from .compose.presets import MAM, UniPELT
 from .compose.routing import route
 from .core.delta import Delta
-from .core.errors import (AttachError, BaseModelMismatchError, CheckpointError, CheckpointNotFoundError,
-                          ConfigError, DeltaError, StateError, TargetError)
+from .core.errors import (
+                          AttachError,
+                          BaseModelMismatchError,
+                          CheckpointError,
+                          CheckpointNotFoundError,
+                          ConfigError,
+                          DeltaError,
+                          StateError,
+                          TargetError,
+)
 from .inspect import inspect
 from .interop.peft import export_peft, import_peft
 from .methods import LoRA
@@ -29,6 +37,7 @@ from .methods.ia3 import IA3
 from .methods.ipt import IntrinsicPromptTuning, fit_intrinsic_subspace
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
+from .methods.train_modules import TrainModules
 
 __all__ = [
     "__version__",
@@ -40,7 +49,7 @@ __all__ = [
     "Gates", "UniPELT", "MAM",
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
-    "fit_intrinsic_subspace",
+    "fit_intrinsic_subspace", "TrainModules",
     # types and errors
     "Delta", "DeltaError", "ConfigError", "TargetError", "AttachError", "StateError", "CheckpointError",
     "CheckpointNotFoundError", "BaseModelMismatchError",

@@ -73,9 +73,10 @@ def attach(model: nn.Module, *configs: DeltaConfig | Sequence[DeltaConfig], name
     Only the new delta's parameters and the ``train_modules`` (e.g. ``["classifier"]``, same name syntax
     as targets) require grad afterwards. ``train_modules`` are trained as copies held by the delta (the
     originals stay untouched); the default ``"auto"`` trains the task head of a classification model
-    (``classifier``, ``score``, ...) and nothing on other models; ``None`` trains no whole module. The new delta becomes the active one. On any error the model is
-    left exactly as it was. A config may be a preset's list of configs (``dt.MAM()``); ``gates=True``
-    (or a ``dt.Gates(...)``) adds a learned per-layer gate per method (UniPELT, see compose/gates.py).
+    (``classifier``, ``score``, ...) and nothing on other models; ``None`` trains no whole module.
+    The new delta becomes the active one. On any error the model is left exactly as it was. A config may
+    be a preset's list of configs (``dt.MAM()``); ``gates=True`` (or a ``dt.Gates(...)``) adds a learned
+    per-layer gate per method (UniPELT, see compose/gates.py).
 
     Raises:
         ConfigError: a config field is invalid. TargetError: targets match nothing usable.

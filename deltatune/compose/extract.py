@@ -114,7 +114,7 @@ def _load_pretrained(path: str | os.PathLike) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(path)
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
-    return (cls or transformers.AutoModel).from_pretrained(path).eval()
+    return (cls or transformers.AutoModel).from_pretrained(path, use_safetensors=True).eval()  # never unpickle
 
 
 def extract_to_directory(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike,

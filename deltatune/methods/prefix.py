@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import sys
 from collections.abc import Callable
 
@@ -38,6 +39,8 @@ from .registry import register
 # mask to widen, so they are refused at attach with a message.
 PREFIXED = {"sdpa": "deltatune_prefix_sdpa", "eager": "deltatune_prefix_eager"}
 BASE_OF = {v: k for k, v in PREFIXED.items()}
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -88,7 +91,11 @@ class PrefixEncoder(DeltaModule):
 
     def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
         if not self.folded:
-            self.release()  # a loaded delta is plain prefixes: the layers take the checkpoint's tensors
+            # A loaded delta is plain prefixes: the layers take the checkpoint's tensors. Its parameters
+            # change (an optimizer built before the load would update the dropped MLP, i.e. nothing).
+            log.info("prefix tuning: loaded folded prefixes; the reparameterisation MLP is dropped and the "
+                     "delta now holds plain prefixes (build any optimizer after loading)")
+            self.release()
 
     def extra_summary(self) -> str:
         return "folded" if self.folded else f"reparameterisation MLP for {len(self.offsets) - 1} layers"
@@ -150,7 +157,7 @@ class PrefixKV(DeltaModule):
 
     def extra_summary(self) -> str:
         heads, tokens, dim = self.shape
-        return f"{tokens} prefix tokens x {heads} kv heads x {dim}{' (from MLP)' if self.encoder else ''}"
+        return f"{tokens} prefix tokens x {heads} kv heads x {dim}{' (from MLP)' if self.encoder is not None else ''}"
 
 
 # -- the attention implementation that adds the prefixes -------------------------------------------

@@ -1,16 +1,17 @@
-"""Prompt tuning: trainable "soft prompt" vectors prepended to the input embeddings
+"""Prompt tuning: trainable "soft prompt" vectors added to the input embeddings
 (Lester, Al-Rfou & Constant, 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning", arXiv:2104.08691).
 
 Two hooks on the top-level model, their handles in the attachment record (no wrapper, no patched class):
-- a forward pre-hook turns ``input_ids`` into ``inputs_embeds`` and prepends the prompt; it extends the
-  attention mask (ones), token_type_ids (zeros) and token-level labels (-100), and gives the virtual tokens
-  positions 0..P-1 (explicit ``position_ids`` / ``cache_position`` of the real tokens are shifted by P);
-- a forward hook slices the P virtual positions off ``logits``, ``last_hidden_state`` and ``hidden_states``,
+- a forward pre-hook turns ``input_ids`` into ``inputs_embeds`` and inserts the prompt: first in a model that
+  generates (as in the paper), right after the first token in other models (encoders), so their pooler /
+  classification head keeps reading [CLS] / <s>. It inserts matching ones in the attention mask, zeros in
+  token_type_ids and -100 in token-level labels, numbers the virtual tokens on from the token before them
+  and shifts explicit ``position_ids`` / ``cache_position`` of the later tokens by P;
+- a forward hook cuts the P virtual positions out of ``logits``, ``last_hidden_state`` and ``hidden_states``,
   so outputs line up with ``input_ids`` as in the base model (``attentions`` keep them). The loss is computed
   inside the model on the extended labels, so it is the same either way.
 During cached generation the cache already holds the prompt after the first step: later steps only get their
-mask extended and positions shifted. A prompt lives in the embedding space, so for BERT-style classifiers
-the pooler reads the first virtual token instead of [CLS] (as in PEFT); the prompt learns that role.
+mask extended and positions shifted.
 
 ``install_prompt`` is shared with intrinsic prompt tuning (ipt.py), whose prompt is a function of z.
 """
@@ -135,19 +136,44 @@ def _cache_length(past) -> int:
     return int(past.get_seq_length())
 
 
-def _front(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
-    """``tensor`` (batch, length, ...) with ``n`` positions of ``value`` in front."""
-    return torch.cat([tensor.new_full((tensor.shape[0], n, *tensor.shape[2:]), value), tensor], dim=1)
+def _insert(tensor: torch.Tensor, at: int, n: int, value: int) -> torch.Tensor:
+    """``tensor`` (batch, length, ...) with ``n`` positions of ``value`` inserted before index ``at``."""
+    fill = tensor.new_full((tensor.shape[0], n, *tensor.shape[2:]), value)
+    return torch.cat([tensor[:, :at], fill, tensor[:, at:]], dim=1)
+
+
+def _insert_positions(pos: torch.Tensor, at: int, n: int) -> torch.Tensor:
+    """Positions (..., length) with the virtual tokens numbered on from the token before them, and the
+    tokens after them shifted by ``n``: [0, 1, ...] -> [0, 1..n, 1+n, ...] for at=1."""
+    start = pos[..., at - 1:at] + 1 if at else torch.zeros_like(pos[..., :1])
+    virtual = start + torch.arange(n, device=pos.device, dtype=pos.dtype)
+    return torch.cat([pos[..., :at], virtual, pos[..., at:] + n], dim=-1)
+
+
+def _drop_virtual(value: torch.Tensor, at: int, n: int, length: int) -> torch.Tensor:
+    """Cut the ``n`` virtual positions out of a (batch, n + length, ...) output."""
+    if value.shape[1] == length + n:
+        return torch.cat([value[:, :at], value[:, at + n:]], dim=1)
+    # fewer positions were computed (logits_to_keep in generation, prompt first): keep the real ones
+    return value[:, -min(value.shape[1], length):] if at == 0 else value
 
 
 class _PromptHooks:
     """The pre/post forward hooks of one prompt module on one model. A stack pairs each pre-hook call with
-    its post-hook call (re-entrant forwards; ``always_call`` pops it even when forward raises)."""
+    its post-hook call (re-entrant forwards; ``always_call`` pops it even when forward raises).
+
+    Where the prompt goes: first in a model that generates (every later token must see it); right after
+    the first token otherwise, so an encoder's pooler / classification head still reads the token it was
+    trained to read (BERT's [CLS], RoBERTa's <s>); encoder attention is bidirectional, so the prompt
+    reaches every token either way.
+    """
 
     def __init__(self, model: nn.Module, source: PromptSource) -> None:
         self.model, self.source = model, source
         params = inspect.signature(model.forward).parameters.values()
         self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        generates = getattr(model, "can_generate", None)
+        self.at = 0 if generates is not None and generates() else 1
         self.stack: list[int | None] = []
 
     def before(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -157,46 +183,42 @@ class _PromptHooks:
         if len(args) > len(self.positional):
             raise StateError(f"{type(model).__name__} got {len(args)} positional arguments; pass inputs by name")
         kwargs = {**dict(zip(self.positional[:len(args)], args, strict=True)), **kwargs}
-        n = self.source.num_tokens
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise StateError(f"prompt tuning needs a 2D attention_mask (batch, length), got shape "
                              f"{tuple(mask.shape)}; a prepared 4D mask cannot be extended by the prompt")
         if _cache_length(kwargs.get("past_key_values")) > 0:
-            self._continue(kwargs, n)  # the cache holds the prompt already
+            self._continue(kwargs)  # the cache holds the prompt already
             return (), kwargs
-        self.stack[-1] = self._prepend(kwargs, n)
+        self.stack[-1] = self._insert_prompt(kwargs)
         return (), kwargs
 
-    def _prepend(self, kwargs: dict, n: int) -> int | None:
+    def _insert_prompt(self, kwargs: dict) -> int | None:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             if kwargs.get("input_ids") is None:
-                return None  # nothing to prepend to; the model reports the missing input
+                return None  # nothing to add the prompt to; the model reports the missing input
             embeds = input_embeddings(self.model)(kwargs["input_ids"])
+        at, n = self.at, self.source.num_tokens
         batch, length = embeds.shape[:2]
         prompt = self.source.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        kwargs["input_ids"], kwargs["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = _front(kwargs["attention_mask"], n, 1)
-        if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = _front(kwargs["token_type_ids"], n, 0)
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], dim=1)
+        for key, value in (("attention_mask", 1), ("token_type_ids", 0)):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _insert(kwargs[key], at, n, value)
         labels = kwargs.get("labels")
         if labels is not None and labels.dim() == 2 and labels.shape[1] == length and not labels.is_floating_point():
-            kwargs["labels"] = _front(labels, n, -100)  # token-level labels; sequence labels stay as they are
-        if kwargs.get("position_ids") is not None:
-            pos = kwargs["position_ids"]
-            virtual = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], n)
-            kwargs["position_ids"] = torch.cat([virtual, pos + n], dim=-1)
-        if kwargs.get("cache_position") is not None:
-            pos = kwargs["cache_position"]
-            kwargs["cache_position"] = torch.cat([torch.arange(n, device=pos.device, dtype=pos.dtype), pos + n])
+            kwargs["labels"] = _insert(labels, at, n, -100)  # token-level labels; sequence labels stay as they are
+        for key in ("position_ids", "cache_position"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _insert_positions(kwargs[key], at, n)
         return length
 
-    @staticmethod
-    def _continue(kwargs: dict, n: int) -> None:
+    def _continue(self, kwargs: dict) -> None:
+        n = self.source.num_tokens
         if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = _front(kwargs["attention_mask"], n, 1)
+            kwargs["attention_mask"] = _insert(kwargs["attention_mask"], self.at, n, 1)
         for key in ("position_ids", "cache_position"):
             if kwargs.get(key) is not None:
                 kwargs[key] = kwargs[key] + n
@@ -205,13 +227,14 @@ class _PromptHooks:
         length = self.stack.pop() if self.stack else None
         if length is None or output is None or not hasattr(output, "keys"):
             return None
+        at, n = self.at, self.source.num_tokens
         for key in ("logits", "last_hidden_state"):
             value = output.get(key)
             if isinstance(value, torch.Tensor) and value.dim() >= 3:
-                output[key] = value[:, -min(value.shape[1], length):]
+                output[key] = _drop_virtual(value, at, n, length)
         states = output.get("hidden_states")
         if isinstance(states, tuple):
-            output["hidden_states"] = tuple(h[:, -length:] if h.dim() >= 3 else h for h in states)
+            output["hidden_states"] = tuple(_drop_virtual(h, at, n, length) if h.dim() >= 3 else h for h in states)
         return output
 
 

@@ -51,6 +51,8 @@ class ModelConfig(Section):
     tokenizer: str | None = None     # defaults to path
     gguf_file: str | None = None     # a GGUF file inside path (dequantised to dtype on load)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base weights; the delta follows it
+    allow_pickle: bool = False       # also load pytorch_model.bin (a pickle; torch.load(weights_only=True)):
+    #                                  only for a model from a source you trust. Default: safetensors only
 
 
 class Columns(Section):
@@ -174,7 +176,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value "
-                              f"(e.g. --train.max_steps 20)")
+                              f"(e.g. --train.max_steps 20), and a config file must come first")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
@@ -337,7 +339,8 @@ def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
     return cfg
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether Hugging Face Hub downloads are switched off (HF_HUB_OFFLINE)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
@@ -352,8 +355,8 @@ def check_paths(cfg: RunConfig) -> None:
                               f"file, or set data.format: hub for a Hugging Face Hub dataset name")
     for key in ("path", "tokenizer"):
         value = getattr(cfg.model, key)
-        if value is not None and not Path(value).exists() and (_offline() or value.startswith((".", "/", "~"))):
-            why = " (hub downloads are off: HF_HUB_OFFLINE=1)" if _offline() else ""
+        if value is not None and not Path(value).exists() and (hub_offline() or value.startswith((".", "/", "~"))):
+            why = " (hub downloads are off: HF_HUB_OFFLINE=1)" if hub_offline() else ""
             raise ConfigError(f"model.{key}: no such directory {value!r}{why}. Give a local model directory "
                               f"(with config.json) or, when online, a Hugging Face Hub model name")
 

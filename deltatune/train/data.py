@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.errors import DeltaError
 from .batches import IGNORE, Encoded
-from .config import DataConfig, RunConfig
+from .config import DataConfig, RunConfig, hub_offline
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -105,8 +105,7 @@ def _read_with_datasets(source: str, data: DataConfig, split: str, fmt: str) -> 
         else:
             ds = datasets.load_dataset(source, data.hub_config, split=split)
     except Exception as e:  # datasets raises many kinds (network, missing split, bad config)
-        offline = " (HF_HUB_OFFLINE=1 is set: hub datasets need the network)" if os.environ.get("HF_HUB_OFFLINE") \
-            in ("1", "true") else ""
+        offline = " (HF_HUB_OFFLINE=1 is set: hub datasets need the network)" if hub_offline() else ""
         raise DataError(f"datasets could not load {source!r} split {split!r}: {e}{offline}") from e
     return ds.to_list()
 
@@ -209,13 +208,18 @@ def encode_lm(rows: list[dict[str, Any]], data: DataConfig, tokenizer, corpus: b
     """Causal LM: every token is a target. A corpus (.txt) is cut into blocks; records are truncated."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     column = data.columns.text or "text"
+    if column not in rows[0]:
+        raise DataError(f"{where}: no text column {column!r} (columns: {', '.join(rows[0])}); set "
+                        f"data.columns.text")
     texts = [_text(r, column, where, i) for i, r in enumerate(rows)]
     if corpus:
         ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
         size = data.max_length
         blocks = [ids[i:i + size] for i in range(0, len(ids), size)]
     else:
-        blocks = [x[: data.max_length - len(eos)] + eos for x in tokenizer(texts)["input_ids"]]
+        ends_with_eos = lambda ids: bool(eos) and ids[-1:] == eos  # some tokenizers append EOS themselves
+        blocks = [x[: data.max_length] if ends_with_eos(x) else x[: data.max_length - len(eos)] + eos
+                  for x in tokenizer(texts)["input_ids"]]
     blocks = [b for b in blocks if len(b) > 1]
     return Encoded.from_lists(blocks, [list(b) for b in blocks])
 
@@ -263,7 +267,8 @@ def encode(rows: list[dict[str, Any]], cfg: RunConfig, tokenizer, names: list[st
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}{text}".encode()).hexdigest()
+    identity = f"{type(tokenizer).__name__}|{getattr(tokenizer, 'truncation_side', 'right')}|{text}"
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def _source_fingerprint(source: str, fmt: str) -> str:

@@ -70,6 +70,8 @@ def init_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -
         if changed:
             raise ConfigError(f"--resume needs the config the run started with, but {len(changed)} value(s) differ: "
                               f"{'; '.join(changed[:5])}. Use the original config, or start a new run")
+        for leftover in run_dir.glob(".*.tmp-*"):  # half-written checkpoints of a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
         return
     if overwrite:
         for name in RUN_FILES:
@@ -135,12 +137,12 @@ def drop_unused_inputs(model, *splits: Encoded | None) -> None:
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or continue) the job described by ``cfg``; returns the summary written to summary.json."""
+    run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, resume, overwrite)
     info = distributed.setup(cfg.train.device)
     try:
         if info.device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg.train.num_threads, info.world))
-        run_dir = Path(cfg.output_dir)
-        check_run_dir(run_dir, resume, overwrite)
         tokenizer, train_set, eval_set = load_data(cfg, info)
         cfg = cfg.model_copy(deep=True)
         if train_set.label_names is not None:
@@ -222,19 +224,22 @@ def loaded_model(cfg: RunConfig, checkpoint: Path | None, device: str = "cpu"):
 
 
 def run_eval(cfg: RunConfig, checkpoint: Path | None) -> dict[str, float]:
-    """Metrics of the delta on ``data.validation``."""
+    """Metrics of the delta on ``data.validation`` (split across processes under torchrun)."""
     if cfg.data.validation is None:
         raise ConfigError("nothing to evaluate: data.validation is not set; pass --data.validation FILE")
     check_paths(cfg)
     info = distributed.setup(cfg.train.device)
-    tokenizer, model, _ = loaded_model(cfg, checkpoint, str(info.device))
-    data = load_split(cfg, tokenizer, "validation", cfg.data.labels)
-    drop_unused_inputs(model, data)
-    kwargs = {} if cfg.task == "classification" else {"use_cache": False}
-    started = time.perf_counter()
-    found = evaluate(model, data, tokenizer.pad_token_id, cfg.train.eval_batch_size, info,
-                     autocast_dtype(cfg.train.precision, info.device), kwargs)
-    return {**found, "examples": len(data), "seconds": round(time.perf_counter() - started, 2)}
+    try:
+        tokenizer, model, _ = loaded_model(cfg, checkpoint, str(info.device))
+        data = load_split(cfg, tokenizer, "validation", cfg.data.labels)
+        drop_unused_inputs(model, data)
+        kwargs = {} if cfg.task == "classification" else {"use_cache": False}
+        started = time.perf_counter()
+        found = evaluate(model, data, tokenizer.pad_token_id, cfg.train.eval_batch_size, info,
+                         autocast_dtype(cfg.train.precision, info.device), kwargs)
+        return {**found, "examples": len(data), "seconds": round(time.perf_counter() - started, 2)}
+    finally:
+        distributed.cleanup(info)
 
 
 def inspect_model(model_path: str, methods: list[dict[str, Any]], task: str | None,
@@ -267,16 +272,19 @@ def export(cfg: RunConfig, checkpoint: Path, out: Path, fmt: str) -> Path:
 
 def generate(cfg: RunConfig, checkpoint: Path | None, prompt: str, max_new_tokens: int, temperature: float,
              template: bool | None = None) -> str:
-    """Continue ``prompt`` with the causal LM (+ delta); instruction runs wrap it in the Alpaca template."""
+    """Continue ``prompt`` with the causal LM (+ delta). ``template`` (default: for instruction runs) wraps
+    the prompt in the Alpaca template the run was trained with."""
     if cfg.task == "classification":
         raise ConfigError("generate needs a causal LM run (task causal_lm or instruction); this run is "
                           "classification: use `deltatune eval`")
+    if template is None:
+        template = cfg.task == "instruction"
     tokenizer, model, _ = loaded_model(cfg, checkpoint)
-    if template if template is not None else cfg.task == "instruction":
-        prompt = alpaca_prompt(prompt)
-    ids = {k: v for k, v in tokenizer(prompt, return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+    encoded = tokenizer(alpaca_prompt(prompt) if template else prompt, return_tensors="pt")
+    inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     seed_everything(cfg.seed)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             **sampling)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltaError
+from ..core.targets import find_task_heads
 from .config import ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def load_model(cfg: RunConfig, label_names: list[str] | None = None,
     kwargs: dict = {"dtype": DTYPES[cfg.model.dtype]}
     if cfg.model.gguf_file:
         kwargs["gguf_file"] = cfg.model.gguf_file
+    elif not cfg.model.allow_pickle:
+        kwargs["use_safetensors"] = True  # never unpickle pytorch_model.bin unless the user opted in
     if cfg.task == "classification":
         names = label_names or ["0", "1"]
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
@@ -65,8 +68,20 @@ def load_model(cfg: RunConfig, label_names: list[str] | None = None,
     try:
         model, info = auto.from_pretrained(cfg.model.path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
+        if not cfg.model.allow_pickle and any(Path(cfg.model.path).glob("pytorch_model*.bin")):
+            raise ModelLoadError(f"{cfg.model.path!r} holds its weights only as pytorch_model.bin, a pickle file, and "
+                                 f"loading a pickle can run arbitrary code. If you trust its source, set "
+                                 f"model.allow_pickle: true (it is read with torch.load(weights_only=True)), or "
+                                 f"convert it to model.safetensors") from e
         raise ModelLoadError(f"could not load a {cfg.task} model from {cfg.model.path!r}: {e}. Check model.path "
                              f"(a directory with config.json, or a hub name when online)") from e
+    except Exception as e:  # with allow_pickle: UnpicklingError when torch.load(weights_only=True) refuses the file
+        if not cfg.model.allow_pickle:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelLoadError(f"the weights in {cfg.model.path!r} were refused by torch.load(weights_only=True): "
+                             f"{first} They hold something other than plain tensors (possibly malicious) or are "
+                             f"corrupt; do not use them") from e
     new = sorted(set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())})
     if new:
         log.info("newly initialised (not in the checkpoint): %s", ", ".join(new))
@@ -92,8 +107,8 @@ def check_vocab(model: nn.Module, source: str, pad_id: int | None, *splits) -> N
 
 def train_module_names(cfg: RunConfig, model: nn.Module, new_params: list[str]) -> list[str]:
     """Modules trained in full next to the delta: as configured, or ``auto``: the classification head
-    (the task model's children outside its backbone, e.g. ``classifier`` / ``score``) plus any module
-    holding parameters the checkpoint lacked.
+    (``core.targets.find_task_heads``: ``classifier``, ``score``, ...) plus any module holding parameters
+    the checkpoint lacked.
 
     A task head must train (it is specific to the labels), and anything freshly initialised must be
     saved with the delta, or the checkpoint could not reproduce the model; the rest stays frozen.
@@ -102,9 +117,7 @@ def train_module_names(cfg: RunConfig, model: nn.Module, new_params: list[str]) 
         return list(cfg.train_modules)
     modules = {name.rpartition(".")[0] for name in new_params if name.rpartition(".")[0]}
     if cfg.task == "classification":
-        backbone = getattr(model, "base_model", model)
-        modules |= {name for name, child in model.named_children()
-                    if child is not backbone and any(True for _ in child.parameters())}
+        modules.update(find_task_heads(model))
     named = dict(model.named_modules())
     kept = sorted(m for m in modules if m in named)
     return [m for m in kept if not any(m.startswith(other + ".") for other in kept)]  # no module inside another

@@ -98,7 +98,8 @@ def _check_outputs(out, tiny_task, winner):
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_task["model"])
     delta = dt.load(model, out / "best_delta")
-    assert delta.num_trainable() == winner["trainable_params"]
+    # a prefix winner trains through its MLP and is saved folded: the loaded delta is never larger
+    assert 0 < delta.num_trainable() <= winner["trainable_params"]
     saved = dt.load(AutoModelForSequenceClassification.from_pretrained(tiny_task["model"]),
                     winner["run_dir"] + "/best").model
     ids = torch.tensor([[2, 10, 11, 3]])

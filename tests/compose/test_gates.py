@@ -23,7 +23,8 @@ def gates_of(delta) -> list[Gate]:
 def test_identity_at_init_and_gates_in_inspect(arch):
     model = BUILDERS[arch]()
     base = logits(model)
-    delta = dt.attach(model, dt.LoRA(r=4, targets="all-linear"), dt.Adapter(kind="houlsby", bottleneck=8), gates=True, train_modules=None)
+    delta = dt.attach(model, dt.LoRA(r=4, targets="all-linear"), dt.Adapter(kind="houlsby", bottleneck=8), gates=True,
+            train_modules=None)
     assert torch.equal(logits(model), base)
     slots = sorted({g.slot for g in gates_of(delta)})
     assert slots == ["adapter", "lora"] and len(gates_of(delta)) == 2 * 2  # 2 layers x 2 methods
@@ -115,19 +116,24 @@ def test_detach_removes_gates_and_hooks():
 def test_methods_that_cannot_be_gated_are_reported(caplog):
     model = BUILDERS["bert"]()
     with caplog.at_level(logging.WARNING):
-        delta = dt.attach(model, dt.LoRA(r=2, targets=["query"]), dt.PrefixTuning(num_tokens=2), gates=True, train_modules=None)
+        delta = dt.attach(model, dt.LoRA(r=2, targets=["query"]), dt.PrefixTuning(num_tokens=2), gates=True,
+                train_modules=None)
     assert "prefix" in caplog.text and "not gated" in caplog.text
     assert {g.slot for g in gates_of(delta)} == {"lora"}
 
 
 @pytest.mark.parametrize("call,error,words", [
     (lambda m: dt.attach(m, dt.Gates(), train_modules=None), dt.ConfigError, "Gates alone"),
-    (lambda m: dt.attach(m, dt.LoRA(targets=["query"]), gates="yes", train_modules=None), dt.ConfigError, "gates must be"),
-    (lambda m: dt.attach(m, dt.LoRA(targets=["query"]), dt.Gates(), gates=True, train_modules=None), dt.ConfigError, "at most one"),
+    (lambda m: dt.attach(m, dt.LoRA(targets=["query"]), gates="yes",
+            train_modules=None), dt.ConfigError, "gates must be"),
+    (lambda m: dt.attach(m, dt.LoRA(targets=["query"]), dt.Gates(), gates=True,
+            train_modules=None), dt.ConfigError, "at most one"),
     (lambda m: dt.Gates(init=1.0), dt.ConfigError, "gates.init"),
-    (lambda m: dt.attach(m, dt.LoRA(targets=["query"]), gates=dt.Gates(methods=["adapter"]), train_modules=None), dt.ConfigError,
+    (lambda m: dt.attach(m, dt.LoRA(targets=["query"]), gates=dt.Gates(methods=["adapter"]),
+            train_modules=None), dt.ConfigError,
      "['lora']"),
-    (lambda m: dt.attach(m, dt.LoRA(targets=["classifier"]), gates=True, train_modules=None), dt.AttachError, "transformer layer"),
+    (lambda m: dt.attach(m, dt.LoRA(targets=["classifier"]), gates=True,
+            train_modules=None), dt.AttachError, "transformer layer"),
 ])
 def test_errors_leave_the_model_untouched(call, error, words):
     model = BUILDERS["bert"]()

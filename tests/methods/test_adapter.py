@@ -63,7 +63,8 @@ def manual_adapter(wrapper: BottleneckAdapter, h: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
 def test_sequential_formula(layer, activation):
     model = nn.Sequential(layer)
-    delta = dt.attach(model, dt.Adapter(bottleneck=3, activation=activation, scale=0.5, targets=["0"]), train_modules=None)
+    delta = dt.attach(model, dt.Adapter(bottleneck=3, activation=activation, scale=0.5, targets=["0"]),
+            train_modules=None)
     perturb(delta, std=0.5)
     wrapper = model[0]
     x = torch.randn(4, 6)
@@ -171,7 +172,8 @@ def test_unknown_targets_and_models_without_blocks():
     with pytest.raises(dt.TargetError, match="no transformer blocks.*targets"):
         dt.attach(nn.Sequential(nn.Linear(4, 4)), dt.Adapter(bottleneck=2), train_modules=None)
     with pytest.raises(dt.TargetError, match="no Linear"):
-        dt.attach(BUILDERS["bert"](), dt.Adapter(bottleneck=2, targets=["attention.output.LayerNorm"]), train_modules=None)
+        dt.attach(BUILDERS["bert"](), dt.Adapter(bottleneck=2, targets=["attention.output.LayerNorm"]),
+                train_modules=None)
 
 
 def test_parallel_output_projection_alone_is_a_clear_error():
@@ -183,7 +185,8 @@ def test_parallel_output_projection_alone_is_a_clear_error():
 
 def test_inspect_and_config_round_trip(tmp_path):
     model = BUILDERS["bert"]()
-    delta = dt.attach(model, dt.Adapter(kind="parallel", bottleneck=4, scale=4.0, activation="gelu"), train_modules=None)
+    delta = dt.attach(model, dt.Adapter(kind="parallel", bottleneck=4, scale=4.0, activation="gelu"),
+            train_modules=None)
     text = dt.inspect(model)
     assert "adapter wraps Linear(32x64) parallel to the FFN from bert.encoder.layer.0.intermediate.dense" in text
     assert "bottleneck 4, gelu, scale 4" in text and "[292 params]" in text  # 32*4+4 + 4*32+32

@@ -174,7 +174,8 @@ def test_import_gives_peft_outputs_and_merge_matches(tmp_path, arch, kwargs):
 
 def test_training_follows_peft_step_for_step(tmp_path):
     model = BUILDERS["llama"]()
-    delta = dt.attach(model, dt.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], dora=True), train_modules=None)
+    delta = dt.attach(model, dt.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], dora=True),
+            train_modules=None)
     dt.export_peft(delta, tmp_path / "p")
     pm = peft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "p", is_trainable=True)
     ids = batch()

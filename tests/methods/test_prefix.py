@@ -260,6 +260,17 @@ def test_save_then_load_onto_a_fresh_base_gives_identical_outputs(arch, reparam,
     assert loaded.num_trainable() == sum(t.numel() for t in delta.state_dict().values())
 
 
+def test_loading_into_a_live_reparameterised_delta_makes_it_plain_with_the_same_outputs():
+    model = tiny_llama()
+    delta = dt.attach(model, dt.PrefixTuning(num_tokens=3, reparam_hidden=8))
+    perturb(delta)
+    before, old = logits(model), list(delta.parameters().values())  # kept alive: ids are not reused
+    delta.load_state_dict(delta.state_dict())  # e.g. restoring the best checkpoint at the end of training
+    assert torch.allclose(logits(model), before, atol=1e-6)
+    assert not {id(p) for p in old} & {id(p) for p in delta.parameters().values()}  # rebuild any optimizer
+    assert delta.num_trainable() == 2 * 2 * 2 * 3 * 8
+
+
 def test_prefixes_follow_to_and_a_loaded_checkpoint_takes_the_models_dtype(tmp_path):
     model = tiny_llama()
     delta = dt.attach(model, dt.PrefixTuning(num_tokens=3, reparam_hidden=8))

@@ -30,10 +30,10 @@ def prompt_of(delta) -> torch.Tensor:
     return next(m for m in delta.modules() if isinstance(m, SoftPrompt)).embedding
 
 
-def reference(base, prompt: torch.Tensor, ids: torch.Tensor, **kwargs):
-    """What the base model gives with the prompt put in front of the embedded ids by hand."""
+def reference(base, prompt: torch.Tensor, ids: torch.Tensor, at: int = 0, **kwargs):
+    """What the base model gives with the prompt put into the embedded ids by hand, before index ``at``."""
     embeds = base.get_input_embeddings()(ids)
-    embeds = torch.cat([prompt.detach().expand(len(ids), -1, -1), embeds], dim=1)
+    embeds = torch.cat([embeds[:, :at], prompt.detach().expand(len(ids), -1, -1), embeds[:, at:]], dim=1)
     with torch.no_grad():
         return base(inputs_embeds=embeds, **kwargs)
 
@@ -46,13 +46,15 @@ def test_outputs_equal_the_base_model_on_prompt_plus_embeddings(arch):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in delta.parameters().values()}
     ids = batch()
-    want = reference(BUILDERS[arch](), prompt_of(delta), ids).logits
+    at = 1 if arch == "bert" else 0  # an encoder keeps its first ([CLS]) token first, for its pooler
+    want = reference(BUILDERS[arch](), prompt_of(delta), ids, at).logits
     got = logits(model, ids)
     if arch == "bert":
         assert torch.allclose(got, want, atol=1e-6)  # sequence logits: nothing to cut
+        assert not torch.allclose(got, reference(BUILDERS[arch](), prompt_of(delta), ids, 0).logits, atol=1e-5)
         labels = torch.tensor([0, 1, 1])  # sequence labels are left as they are
         loss = model(input_ids=ids, labels=labels).loss
-        assert torch.allclose(loss, reference(BUILDERS[arch](), prompt_of(delta), ids, labels=labels).loss)
+        assert torch.allclose(loss, reference(BUILDERS[arch](), prompt_of(delta), ids, at, labels=labels).loss)
         loss.backward()
         assert prompt_of(delta).grad.abs().sum() > 0
         return
@@ -74,14 +76,35 @@ def test_hidden_states_are_cut_to_the_real_tokens_and_positional_inputs_work():
     assert torch.equal(out.logits, logits(model, ids))
 
 
-def test_explicit_positions_and_token_types_are_shifted_like_the_defaults():
-    model = tiny_bert()
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_explicit_positions_and_token_types_are_shifted_like_the_defaults(arch):
+    model = BUILDERS[arch]()
     perturb(dt.attach(model, dt.PromptTuning(num_tokens=4)), std=0.5)
     ids = batch()
     plain = states(model, ids)
-    explicit = states(model, ids, position_ids=torch.arange(11).expand(3, -1), token_type_ids=torch.zeros_like(ids))
-    assert torch.allclose(plain, explicit, atol=1e-6)
+    explicit = {"position_ids": torch.arange(11).expand(3, -1)}
+    if arch == "bert":
+        explicit["token_type_ids"] = torch.zeros_like(ids)
+    assert torch.allclose(plain, states(model, ids, **explicit), atol=1e-6)
     assert plain.shape == (3, 11, 32)
+    shifted = states(model, ids, position_ids=torch.arange(1, 12).expand(3, -1))  # positions really are read
+    assert not torch.allclose(plain, shifted, atol=1e-4)
+
+
+def test_token_level_labels_get_minus_100_at_the_virtual_positions():
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=64)).eval()
+    delta = dt.attach(model, dt.PromptTuning(num_tokens=3), train_modules=None)
+    ids, labels = batch(), batch(seed=9) % 2
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert out.logits.shape == (3, 11, 2)  # the virtual positions are cut out of the logits...
+    # ...and were labelled -100 inside, so the model's loss is the loss over the real tokens alone
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten()))
+    assert delta.num_trainable() == 3 * 32
 
 
 def test_encoder_right_padding_gives_each_sequence_its_unpadded_output():

@@ -224,3 +224,45 @@ def test_safetensors_paths_never_unpickle(peft_dir, tmp_path, monkeypatch):
     other = BUILDERS["bert"]()
     dt.import_peft(other, where, allow_pickle=True)  # safetensors present: the flag must not matter
     assert torch.equal(logits(other), tuned)
+
+
+# -- the CLI's base model: safetensors only, unless model.allow_pickle -------------------------------------
+
+def _bin_model(src: Path, dst: Path, extra: dict | None = None) -> Path:
+    """A copy of the saved tiny model with its weights as pytorch_model.bin (the pre-safetensors layout)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    state = dict(load_file(dst / "model.safetensors"))
+    state.update(extra or {})
+    (dst / "model.safetensors").unlink()
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
+def _train(make_config, model_dir: Path, allow: bool):
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    path = make_config(model__path=str(model_dir), model__allow_pickle=allow, train__max_steps=1)
+    return CliRunner().invoke(app, ["train", str(path)])
+
+
+def test_cli_refuses_a_pickled_base_model_without_opt_in(make_config, cli_model, tmp_path):
+    result = _train(make_config, _bin_model(cli_model, tmp_path / "bin"), allow=False)
+    assert result.exit_code == 2
+    assert "pytorch_model.bin, a pickle file" in result.stderr and "model.allow_pickle: true" in result.stderr
+
+
+def test_cli_loads_a_pickled_base_model_with_opt_in(make_config, cli_model, tmp_path):
+    result = _train(make_config, _bin_model(cli_model, tmp_path / "bin"), allow=True)
+    assert result.exit_code == 0, result.stderr[-1500:]
+
+
+def test_cli_refuses_a_malicious_base_model_even_with_opt_in(make_config, cli_model, tmp_path):
+    marker = tmp_path / "pwned"
+    model_dir = _bin_model(cli_model, tmp_path / "bin", {"evil": Payload(marker)})
+    result = _train(make_config, model_dir, allow=True)
+    assert result.exit_code == 2 and "refused by torch.load(weights_only=True)" in result.stderr
+    assert not marker.exists()

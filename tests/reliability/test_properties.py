@@ -211,7 +211,8 @@ def test_lora_scaling_is_what_the_config_says(r, alpha, rslora, targets):
     delta = dt.attach(model, dt.LoRA(r=r, alpha=alpha, rslora=rslora, targets=targets))
     _perturb(delta, 0)
     scale = alpha / math.sqrt(r) if rslora else alpha / r
-    for wrapper in delta.wrappers():
+    lora = next(a for a in delta.attachments if a.config.method == "lora")
+    for wrapper in lora.wrappers().values():
         expected = (wrapper.lora_B @ wrapper.lora_A) * scale
         assert torch.allclose(wrapper.delta_weight(), expected, rtol=1e-6, atol=1e-7)
         x = torch.randn(3, wrapper.lora_A.shape[1])

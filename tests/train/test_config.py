@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -154,3 +156,10 @@ def test_key_listing_covers_nested_sections():
     keys = all_keys()
     assert {"train.learning_rate", "data.columns.text_pair", "model.path", "delta"} <= set(keys)
     assert set(RunConfig.model_fields) <= set(keys)
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_are_valid(example):
+    cfg = load_config(example, check_files=False)
+    assert cfg.delta and cfg.output_dir == f"runs/{example.stem}"
