@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint conformance bench bench-quality clean
+.PHONY: install demo test test-fast lint conformance bench clean
 
 install: $(VENV)/.installed
 
@@ -30,10 +30,13 @@ test-fast: install  ## skip the real-model tests
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check deltatune tests examples
+	$(VENV)/bin/ruff check deltatune tests examples bench
 
 conformance: install
 	../shared/conformance/run
+
+bench: install  ## speed / memory / latency vs PEFT, one configuration per process (results: bench/results/)
+	$(PY) bench/speed.py all --out bench/results/speed.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

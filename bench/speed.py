@@ -84,7 +84,7 @@ def apply_deltatune(model, row: str):
         "bitfit": dt.BitFit(),
     }
     delta = dt.attach(model, configs[row], train_modules=head)
-    return delta, lambda path: delta.save(path), (delta.merge if row.startswith(("lora", "dora", "ia3")) else None)
+    return model, lambda path: delta.save(path), (delta.merge if row.startswith(("lora", "dora", "ia3")) else None)
 
 
 def apply_peft(model, row: str):

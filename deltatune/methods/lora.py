@@ -98,8 +98,23 @@ class LoRALinear(DeltaWrapper):
         out = self.base(x)
         if not self.uses_delta:
             return out
-        delta = F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B)
-        return out + self.scaled(delta * self.scale)
+        hidden = F.linear(self.drop(x), self.lora_A)
+        if self._may_add_in_place(out, hidden):
+            # out += scale * hidden @ B^T as one fused addmm: no full-size temporaries (speed, peak memory).
+            # Safe: a Linear's backward never needs its output, and autograd's version counter would
+            # raise if anything had saved it.
+            flat = out.view(-1, out.shape[-1])
+            flat.addmm_(hidden.reshape(-1, self.r), self.lora_B.T, alpha=self.scale)
+            return out
+        return out + self.scaled(F.linear(hidden, self.lora_B) * self.scale)
+
+    def _may_add_in_place(self, out: torch.Tensor, hidden: torch.Tensor) -> bool:
+        """In place only when nobody else sees ``out`` (no routing/gate scaling, no forward hooks on the base
+        layer: a user's activation-caching hook must keep the output it was given) and all dtypes agree
+        (in-place ops are not autocast: under bf16 autocast ``out`` is bf16 while B stays fp32)."""
+        return (self.sample_scale is None and self.gate_scale is None and out.is_contiguous()
+                and not self.base._forward_hooks and not isinstance(self.base, DeltaWrapper)
+                and out.dtype == hidden.dtype == self.lora_B.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale

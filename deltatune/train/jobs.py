@@ -49,8 +49,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     if resume and not (run_dir / "state").exists() and not (run_dir / ".state.old").exists():
+        start = ("pass --overwrite instead of --resume to start it again (the run stopped before its first "
+                 "state save)" if used else "run without --resume to start it")
         raise CheckpointNotFoundError(f"nothing to resume in {run_dir}: no training state there (state/ is written "
-                                      f"every train.save_every steps). Run without --resume to start it")
+                                      f"every train.save_every steps); {start}")
     if used and not resume and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it "
                           f"again (its checkpoints are deleted), or --output_dir DIR for a new one")

@@ -172,3 +172,33 @@ def test_generate_and_compile_keep_working():
     assert torch.equal(cached, uncached) and cached.shape[1] == 10
     compiled = torch.compile(model, backend="eager")
     assert torch.allclose(compiled(input_ids=ids).logits, logits(model, ids), atol=1e-6)
+
+
+def test_in_place_fast_path_equals_the_formula_and_spares_hooked_outputs():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12)
+    model = nn.Sequential(layer)
+    delta = dt.attach(model, dt.LoRA(r=4, alpha=8, targets=["0"]))
+    perturb(delta)
+    w = delta.wrappers()[0]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    expected = layer(x) + 2.0 * (x @ w.lora_A.T @ w.lora_B.T)
+    got = model(x)
+    assert torch.allclose(got, expected, atol=1e-6)
+    got.sum().backward()  # gradients flow through the fused in-place update
+    assert w.lora_B.grad is not None and x.grad is not None
+    seen = []
+    layer.register_forward_hook(lambda m, i, out: seen.append(out))
+    model(x)
+    assert torch.allclose(seen[0], layer(x))  # the hook's tensor was not modified in place
+
+
+def test_bf16_autocast_uses_the_out_of_place_path():
+    model = nn.Sequential(nn.Linear(16, 12))
+    delta = dt.attach(model, dt.LoRA(r=4, targets=["0"]))
+    perturb(delta)
+    x = torch.randn(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), model(x), atol=0.1)

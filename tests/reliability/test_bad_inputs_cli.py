@@ -161,7 +161,7 @@ ROWS = [
     Row("resume-with-other-config", _again("--resume", "--train.learning_rate", "0.5"),
         r"--resume needs the config the run started with", r"train.learning_rate: 0.01 -> 0.5"),
     Row("resume-nothing", lambda make, tmp, mp: ["train", str(make()), "--resume"],
-        r"nothing to resume in .*no training state", r"Run without --resume"),
+        r"nothing to resume in .*no training state", r"run without --resume to start it"),
     Row("eval-corrupt-checkpoint", _eval_corrupt, r"does not match the checksum", r"use another checkpoint"),
 ]
 
