@@ -60,7 +60,8 @@ def check_fingerprint(saved: dict[str, Any], model: nn.Module, where: Path) -> N
         f"was trained from, or pass check_base=False if you know the shapes of the delta still fit.")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoint checksums, data-cache keys)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -195,7 +196,7 @@ def write_files(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[st
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, directory / TENSORS_FILE, metadata={"format": "pt", "deltatune": "delta"})
     meta = {**meta, "format_version": FORMAT_VERSION,
-            "tensors": {"file": TENSORS_FILE, "sha256": _sha256(directory / TENSORS_FILE)}}
+            "tensors": {"file": TENSORS_FILE, "sha256": file_sha256(directory / TENSORS_FILE)}}
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     for name in (TENSORS_FILE, CONFIG_FILE):
         with open(directory / name, "rb") as f:
@@ -255,7 +256,7 @@ def read_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
     path = directory / name
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} is missing; the checkpoint is incomplete")
-    if info.get("sha256") and _sha256(path) != info["sha256"]:
+    if info.get("sha256") and file_sha256(path) != info["sha256"]:
         raise CheckpointError(f"{path} does not match the checksum in {CONFIG_FILE}: the file is truncated or "
                               f"corrupt. Re-save the delta or use another checkpoint.")
     try:

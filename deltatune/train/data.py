@@ -24,6 +24,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..core.checkpoint import file_sha256
 from ..core.errors import DeltaError
 from .batches import IGNORE, Encoded
 from .config import DataConfig, RunConfig, hub_offline
@@ -274,11 +275,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _source_fingerprint(source: str, fmt: str) -> str:
     if fmt == "hub":
         return f"hub:{source}"
-    h = hashlib.sha256()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(source)
 
 
 def cache_dir(data: DataConfig) -> Path:

@@ -12,15 +12,6 @@ import deltatune as dt
 from deltatune.methods.adapter import BottleneckAdapter
 from tests.conftest import BUILDERS, batch, logits, perturb
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PLACES = {  # block 0: (attention output, FFN output, FFN input)
     "bert": ("bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense",
              "bert.encoder.layer.0.intermediate.dense"),

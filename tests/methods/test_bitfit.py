@@ -10,14 +10,6 @@ import deltatune as dt
 from tests.conftest import BUILDERS, batch, logits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def names(delta) -> list[str]:
     return list(delta.attachments[0].existing)
 

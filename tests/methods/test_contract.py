@@ -29,14 +29,6 @@ ROWS = [(c, a) for c in CASES for a in sorted(BUILDERS) if not (c == "bitfit" an
 LABELS = torch.tensor([0, 1, 1])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads spin-wait for each other on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(params=ROWS, ids=[f"{c}-{a}" for c, a in ROWS])
 def row(request):

@@ -15,13 +15,6 @@ from tests.conftest import BUILDERS, batch, logits
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def randomize(delta, seed: int = 0) -> None:
     """Random A and B, magnitudes moved 20% around their start: a trained-looking DoRA."""

@@ -11,15 +11,6 @@ import deltatune as dt
 from deltatune.methods.ia3 import IA3Linear
 from tests.conftest import BUILDERS, logits
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # block 0: path suffix -> (scales input?, vector length)
 DEFAULTS = {
     "bert": {"attention.self.key": (False, 32), "attention.self.value": (False, 32), "output.dense": (True, 64)},

@@ -31,7 +31,7 @@ from tests.conftest import logits, tiny_bert
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 
 # every file-system step of a save, as (owner, attribute) patched in the child
-IO_POINTS = [(checkpoint, "save_file"), (checkpoint, "_sha256"), (checkpoint, "_fsync_dir"), (os, "replace"),
+IO_POINTS = [(checkpoint, "save_file"), (checkpoint, "file_sha256"), (checkpoint, "_fsync_dir"), (os, "replace"),
              (os, "fsync"), (shutil, "rmtree"), (tempfile, "mkdtemp"), (Path, "write_text")]
 
 
