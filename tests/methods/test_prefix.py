@@ -24,15 +24,24 @@ def prefixes(delta) -> list[PrefixKV]:
     return [m for a in delta.attachments for m in a.modules.values() if isinstance(m, PrefixKV)]
 
 
-def left_padded(lengths: list[int], total: int, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Left-padded ids and mask for sequences of ``lengths`` (pad id 0), plus the unpadded sequences."""
+def padded(lengths: list[int], total: int, seed: int, left: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Padded ids and mask for sequences of ``lengths`` (pad id 0, sequence i from seed + i), plus the
+    unpadded sequences."""
     seqs = [batch(seed=seed + i, size=1, length=n)[0] for i, n in enumerate(lengths)]
     ids = torch.zeros(len(seqs), total, dtype=torch.long)
     mask = torch.zeros(len(seqs), total, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, total - len(s):] = s
-        mask[i, total - len(s):] = 1
+        where = slice(total - len(s), total) if left else slice(0, len(s))
+        ids[i, where], mask[i, where] = s, 1
     return ids, mask, seqs
+
+
+def left_padded(lengths: list[int], total: int, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor, list]:
+    return padded(lengths, total, seed, left=True)
+
+
+def right_padded(lengths: list[int], total: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, list]:
+    return padded(lengths, total, seed, left=False)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -105,10 +114,7 @@ def test_encoder_right_padding_gives_each_sequence_its_unpadded_output():
     model = tiny_bert()
     delta = dt.attach(model, dt.PrefixTuning(num_tokens=3, reparam_hidden=0))
     perturb(delta, std=0.5)
-    a, b = batch(seed=2, size=1, length=9)[0], batch(seed=3, size=1, length=5)[0]
-    ids = torch.zeros(2, 9, dtype=torch.long)
-    ids[0], ids[1, :5] = a, b
-    mask = (torch.arange(9) < torch.tensor([[9], [5]])).long()
+    ids, mask, (a, b) = right_padded([9, 5], 9)
     padded = states(model, ids, attention_mask=mask)
     assert torch.allclose(padded[0], states(model, a[None])[0], atol=1e-5)
     assert torch.allclose(padded[1, :5], states(model, b[None])[0], atol=1e-5)

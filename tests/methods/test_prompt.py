@@ -15,7 +15,7 @@ import deltatune as dt
 from deltatune.core.inject import named_base_parameters
 from deltatune.methods.prompt import SoftPrompt
 from tests.conftest import BUILDERS, batch, logits, perturb, tiny_bert, tiny_llama
-from tests.methods.test_prefix import left_padded, positions, sharpened
+from tests.methods.test_prefix import left_padded, positions, right_padded, sharpened
 
 DECODERS = ["gpt2", "llama"]
 
@@ -110,10 +110,7 @@ def test_token_level_labels_get_minus_100_at_the_virtual_positions():
 def test_encoder_right_padding_gives_each_sequence_its_unpadded_output():
     model = tiny_bert()
     perturb(dt.attach(model, dt.PromptTuning(num_tokens=3)), std=0.5)
-    a, b = batch(seed=2, size=1, length=9)[0], batch(seed=3, size=1, length=5)[0]
-    ids = torch.zeros(2, 9, dtype=torch.long)
-    ids[0], ids[1, :5] = a, b
-    mask = (torch.arange(9) < torch.tensor([[9], [5]])).long()
+    ids, mask, (a, b) = right_padded([9, 5], 9)
     padded = states(model, ids, attention_mask=mask)
     assert torch.allclose(padded[0], states(model, a[None])[0], atol=1e-5)
     assert torch.allclose(padded[1, :5], states(model, b[None])[0], atol=1e-5)
