@@ -27,6 +27,19 @@ def _read(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return records, summary
 
 
+def _finish(fig, ax, path: Path) -> Path:
+    """Common axis labels, legend and grid; write the figure as PNG and free it."""
+    import matplotlib.pyplot as plt  # already loaded by plot(); imported lazily to keep start-up fast
+
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
     """loss.png (training and eval loss by step) and eval.png (every other eval metric by step)."""
     import matplotlib
@@ -41,26 +54,14 @@ def plot(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    written.append(run_dir / "loss.png")
+    written.append(_finish(fig, ax, run_dir / "loss.png"))
     names = sorted({k for r in evals for k in r if k.startswith("eval_") and k != "eval_loss"})
     if names:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name in names:
             ax.plot([r["step"] for r in evals], [r[name] for r in evals], "o-", label=name[5:])
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / "eval.png", dpi=100)
-        plt.close(fig)
-        written.append(run_dir / "eval.png")
+        written.append(_finish(fig, ax, run_dir / "eval.png"))
     return written
 
 
