@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint conformance bench clean
+.PHONY: install demo test test-fast lint conformance bench bench-quality bench-defaults clean
 
 install: $(VENV)/.installed
 
@@ -35,8 +35,18 @@ lint: install
 conformance: install
 	../shared/conformance/run
 
-bench: install  ## speed / memory / latency vs PEFT, one configuration per process (results: bench/results/)
+bench: install  ## speed / memory / latency vs PEFT, one configuration per process, then train end to end vs PEFT + Trainer
 	$(PY) bench/speed.py all --out bench/results/speed.jsonl
+	for m in minilm llama110m smollm2; do $(PY) bench/speed.py table --model $$m --out bench/results/speed.jsonl; done
+	$(PY) bench/peft_trainer.py e2e --out bench/results/e2e.jsonl
+
+bench-quality: install  ## accuracy of every method (and PEFT's LoRA) on SST-2, MRPC, CoLA, MR; table + PNG (~1 h)
+	$(PY) bench/quality.py sweep --tasks quality --recipes quality --jobs 2
+	$(PY) bench/quality.py table --tasks quality --recipes quality --plot bench/results/quality.png
+
+bench-defaults: install  ## defaults vs full fine-tuning on the eight public tasks (issue 10; ~1 h)
+	$(PY) bench/quality.py sweep --tasks all --recipes full,head_only,lora,lora_common --jobs 2
+	$(PY) bench/quality.py table --tasks all --recipes full,head_only,lora,lora_common
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

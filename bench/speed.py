@@ -32,10 +32,11 @@ ROWS = {
     "lora_qv": ["deltatune", "peft"], "lora_all": ["deltatune", "peft"], "dora": ["deltatune", "peft"],
     "ia3": ["deltatune", "peft"], "prefix": ["deltatune", "peft"], "prompt": ["deltatune", "peft"],
     "adapter_houlsby": ["deltatune"], "adapter_parallel": ["deltatune"], "bitfit": ["deltatune"],
-    "lora_qv_compiled": ["deltatune"], "lora_all_gradckpt": ["deltatune", "peft"],
+    "lora_qv_compiled": ["deltatune", "peft"], "lora_all_gradckpt": ["deltatune", "peft"],
 }
-DECODER_ROWS = ["base_inference", "full", "backprop_floor", "lora_qv", "lora_all", "lora_all_gradckpt", "prefix",
-                "prompt", "ia3"]
+# the decoder takes ~10x longer per step on 2 cores: the rows that answer its questions (LoRA cost against the
+# floor and PEFT, with and without gradient checkpointing)
+DECODER_ROWS = ["base_inference", "backprop_floor", "lora_all", "lora_all_gradckpt"]
 
 
 def build_model(name: str):
@@ -91,7 +92,7 @@ def apply_peft(model, row: str):
     import peft
 
     task = "SEQ_CLS" if is_encoder(model) else "CAUSAL_LM"
-    if row in ("lora_qv", "lora_all", "dora", "lora_all_gradckpt"):
+    if row in ("lora_qv", "lora_all", "dora", "lora_all_gradckpt", "lora_qv_compiled"):
         targets = "all-linear" if row.startswith("lora_all") else qv_names(model)
         cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task, use_dora=row == "dora")
     elif row == "ia3":
@@ -190,12 +191,12 @@ def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dic
     return result
 
 
-def run_all(out: Path, models: list[str], steps: int, warmup: int) -> None:
+def run_all(out: Path, models: list[str], steps: int, warmup: int, only: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as sink:
         for model_name in models:
             rows = DECODER_ROWS if model_name == "llama110m" else (["lora_qv"] if model_name == "smollm2" else ROWS)
-            for row in rows:
+            for row in [r for r in rows if only is None or r in only]:
                 for lib in ROWS[row]:
                     cmd = [sys.executable, __file__, "run", "--model", model_name, "--row", row, "--lib", lib,
                            "--steps", str(steps), "--warmup", str(warmup)]
@@ -207,21 +208,57 @@ def run_all(out: Path, models: list[str], steps: int, warmup: int) -> None:
                     sink.flush()
 
 
+def table(path: Path, model: str) -> str:
+    """Markdown rows for one model from the JSONL results (the latest line per row and library)."""
+    latest: dict[tuple[str, str], dict] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("model") == model and "error" not in r:
+            latest[(r["row"], r["lib"])] = r
+    floor = latest.get(("backprop_floor", "none"), {}).get("train", {}).get("median_ms")
+    base_infer = latest.get(("base_inference", "none"), {}).get("infer_unmerged", {}).get("median_ms")
+    out = ["| row | lib | train ms/step (median ± IQR) | × PEFT | × backprop_floor | tokens/s | peak RSS MiB | "
+           "× PEFT | trainable | checkpoint bytes | infer unmerged ms (× base) | infer merged ms (× base) |",
+           "|" + "---|" * 12]
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a and b else ""
+
+    for (row, lib), r in latest.items():
+        peft = latest.get((row, "peft")) if lib != "peft" else None
+        train = r.get("train", {})
+        ms = train.get("median_ms")
+        cells = [row, lib, f"{ms:.0f} ± {train['iqr_ms']:.0f}" if ms else "—",
+                 ratio(ms, peft and peft.get("train", {}).get("median_ms")), ratio(ms, floor),
+                 f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "",
+                 f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "",
+                 ratio(r.get("peak_rss_mib"), peft and peft.get("peak_rss_mib")), f"{r['trainable']:,}",
+                 f"{r['checkpoint_bytes']:,}" if "checkpoint_bytes" in r else ""]
+        for key in ("infer_unmerged", "infer_merged"):
+            t = r.get(key, {}).get("median_ms")
+            cells.append(f"{t:.0f} ({ratio(t, base_infer)})" if t else "")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["run", "all"])
+    parser.add_argument("what", choices=["run", "all", "table"])
     parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
     parser.add_argument("--models", default="minilm,llama110m,smollm2")
     parser.add_argument("--row", default="lora_qv", choices=sorted(ROWS))
     parser.add_argument("--lib", default="deltatune", choices=["deltatune", "peft", "none"])
+    parser.add_argument("--rows", default=None, help="comma list: only these rows (all: every row of the model)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed.jsonl"))
     args = parser.parse_args()
     if args.what == "run":
         print(json.dumps(run_one(args.model, args.row, args.lib, args.steps, args.warmup)))
+    elif args.what == "table":
+        print(table(args.out, args.model))
     else:
-        run_all(args.out, args.models.split(","), args.steps, args.warmup)
+        run_all(args.out, args.models.split(","), args.steps, args.warmup, args.rows.split(",") if args.rows else None)
 
 
 if __name__ == "__main__":

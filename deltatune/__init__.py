@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from .api import attach, detach, load, merge_and_save
+from .api import attach, detach, load, merge_and_save, recipe
 from .auto.budget import RankBudget
 from .compose.algebra import combine
 from .compose.extract import extract_lora
@@ -28,6 +28,7 @@ from .core.errors import (
                           StateError,
                           TargetError,
 )
+from .core.recipe import Recipe
 from .inspect import inspect
 from .interop.peft import export_peft, import_peft
 from .methods import LoRA
@@ -42,7 +43,7 @@ from .methods.train_modules import TrainModules
 __all__ = [
     "__version__",
     # verbs
-    "attach", "detach", "load", "merge_and_save", "inspect", "export_peft", "import_peft",
+    "attach", "detach", "load", "merge_and_save", "recipe", "inspect", "export_peft", "import_peft",
     # named deltas, routing, algebra (compose/)
     "activate", "active", "deactivate", "deltas", "route", "save_all", "load_all", "combine", "extract_lora",
     # combinations: gates and presets (compose/)
@@ -51,6 +52,6 @@ __all__ = [
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
     "fit_intrinsic_subspace", "TrainModules",
     # types and errors
-    "Delta", "DeltaError", "ConfigError", "TargetError", "AttachError", "StateError", "CheckpointError",
+    "Delta", "Recipe", "DeltaError", "ConfigError", "TargetError", "AttachError", "StateError", "CheckpointError",
     "CheckpointNotFoundError", "BaseModelMismatchError",
 ]

@@ -15,6 +15,7 @@ from .core.config import DeltaConfig, config_from_dict
 from .core.delta import Delta, deltas_of, undo_attachment
 from .core.errors import AttachError, CheckpointError, ConfigError, StateError
 from .core.inject import Attachment, base_state_dict, named_base_parameters
+from .core.recipe import Recipe, recipe_for
 from .core.targets import Targets, find_modules, find_task_heads
 from .methods import config_classes, method_for
 from .methods.train_modules import TrainModules
@@ -169,3 +170,17 @@ def merge_and_save(delta: Delta, directory: str | os.PathLike, **save_kwargs) ->
         if not was_merged:
             delta.unmerge()
     return Path(directory)
+
+
+def recipe(*configs: DeltaConfig | Delta) -> Recipe:
+    """The training settings ``deltatune train`` uses for these methods when you set none.
+
+    ``dt.recipe(dt.LoRA()).learning_rate`` (or pass an attached ``Delta``): use it with your own loop or
+    ``Trainer``; ``learning_rate_for(global_batch)`` applies the batch-size rule (see docs/choosing.md).
+    """
+    flat: list[DeltaConfig] = []
+    for item in configs:
+        flat.extend(item.configs if isinstance(item, Delta) else expand_configs([item]))
+    if not all(isinstance(c, DeltaConfig) for c in flat):
+        raise ConfigError(f"dt.recipe takes method configs (dt.LoRA(), ...) or a Delta, got {configs!r}")
+    return recipe_for(flat)

@@ -11,6 +11,8 @@ import typing
 from typing import Any, ClassVar, Literal, Union
 
 from .errors import ConfigError
+from .recipe import DEFAULT as DEFAULT_RECIPE
+from .recipe import Recipe
 
 
 @dataclasses.dataclass
@@ -18,6 +20,7 @@ class DeltaConfig:
     """A method's hyperparameters. Subclasses set ``method`` (the registry name) and add fields."""
 
     method: ClassVar[str] = ""
+    recipe: ClassVar[Recipe] = DEFAULT_RECIPE  # training defaults measured for this method (core/recipe.py)
 
     def __post_init__(self) -> None:
         self.check()

@@ -28,6 +28,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, TargetError
 from ..core.inject import Attachment, DeltaWrapper, named_base_modules, wrap_module
+from ..core.recipe import Recipe
 from ..core.structure import features, transformer_blocks
 from ..core.targets import Targets, find_targets, linear_types
 from .registry import register
@@ -40,6 +41,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 @dataclasses.dataclass
 class Adapter(DeltaConfig):
     method = "adapter"
+    recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
 
     kind: str = "houlsby"        # houlsby: after attention and FFN; pfeiffer: after FFN only (half the size);
     #                              parallel: alongside the FFN (He et al.'s best single placement)

@@ -21,6 +21,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.errors import AttachError
 from ..core.inject import Attachment, named_base_modules
+from ..core.recipe import Recipe
 from ..core.structure import transformer_blocks
 from ..core.targets import Targets, _backbone_prefix, find_targets, layer_index
 from .registry import register
@@ -31,6 +32,7 @@ SUBSETS = ("all", "attention", "ffn", "norm")
 @dataclasses.dataclass
 class BitFit(DeltaConfig):
     method = "bitfit"
+    recipe = Recipe(learning_rate=3e-3, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
 
     which: str | list[str] = "all"   # bias subset(s): all, attention, ffn, norm; fewer biases, fewer numbers
     targets: Targets | None = None   # modules whose biases (recursively) train; replaces `which` when set

@@ -19,6 +19,7 @@ from torch import nn
 from ..auto.budget import RankAllocator, RankBudget
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.recipe import Recipe
 from ..core.targets import Targets, find_targets, linear_types
 from .registry import register
 
@@ -26,6 +27,7 @@ from .registry import register
 @dataclasses.dataclass
 class LoRA(DeltaConfig):
     method = "lora"
+    recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
 
     r: int = 8                   # rank: capacity, size and compute grow linearly with it
     alpha: float = 16.0          # the update is scaled by alpha / r (or alpha / sqrt(r) with rslora)

@@ -32,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from ..core.config import DeltaConfig
 from ..core.errors import AttachError, StateError
 from ..core.inject import Attachment, DeltaModule, add_free_module, named_base_modules
+from ..core.recipe import Recipe
 from .registry import register
 
 # Attention implementations a prefix can be added to, and the name of the prefixing variant of each.
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PrefixTuning(DeltaConfig):
     method = "prefix"
+    recipe = Recipe(learning_rate=3e-3, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
 
     num_tokens: int = 20               # prefix length per layer: capacity and attention cost grow with it
     reparam_hidden: int | None = 512   # width of the training-time MLP (0/None: train the prefixes directly)

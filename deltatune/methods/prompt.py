@@ -28,6 +28,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.errors import AttachError, ConfigError, StateError
 from ..core.inject import Attachment, DeltaModule, add_free_module
+from ..core.recipe import Recipe
 from .registry import register
 
 INITS = "'random', 'vocab' or 'text:<words>'"
@@ -36,6 +37,7 @@ INITS = "'random', 'vocab' or 'text:<words>'"
 @dataclasses.dataclass
 class PromptTuning(DeltaConfig):
     method = "prompt"
+    recipe = Recipe(learning_rate=1e-2, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
 
     num_tokens: int = 20        # prompt length: capacity grows with it, and so does every sequence
     init: str = "random"        # "random" (scaled to the embeddings), "vocab" (random token rows), "text:<words>"

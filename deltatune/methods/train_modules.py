@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.recipe import Recipe
 from ..core.targets import find_modules
 from .registry import register
 
@@ -25,6 +26,7 @@ from .registry import register
 @dataclasses.dataclass
 class TrainModules(DeltaConfig):
     method = "train"
+    recipe = Recipe(learning_rate=1e-2, head_learning_rate=1e-2)  # measured: BENCHMARKS.md "Defaults"
 
     modules: list[str] = dataclasses.field(default_factory=list)  # names (same syntax as targets) to train fully
 

@@ -32,6 +32,7 @@ from pydantic import (
 
 from ..core.config import DeltaConfig, config_from_dict
 from ..core.errors import ConfigError
+from ..core.recipe import Recipe, recipe_for
 
 Task = Literal["classification", "causal_lm", "instruction"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc", "loss")
@@ -87,15 +88,18 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 16           # per process; the global batch is batch_size * grad_accum * processes
     eval_batch_size: PositiveInt = 64
     grad_accum: PositiveInt = 1
-    learning_rate: PositiveFloat = 1e-3    # for the delta's parameters
-    head_learning_rate: PositiveFloat | None = None  # for train_modules (e.g. a new classifier); None: learning_rate
-    weight_decay: NonNegativeFloat = 0.0
-    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    # None below: the method's measured recipe (core/recipe.py, docs/choosing.md), for the global batch
+    learning_rate: PositiveFloat | None = None       # for the delta's parameters
+    head_learning_rate: PositiveFloat | None = None  # for train_modules (e.g. a new classifier head)
+    weight_decay: NonNegativeFloat | None = None
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
     warmup_steps: NonNegativeInt | None = None       # overrides warmup_ratio
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: PositiveFloat | None = 1.0        # None: no clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
+    compile: bool = False                  # torch.compile the training forward (dynamic shapes): faster steps
+    #                                        after a one-off compile of a minute or more; needs a C++ compiler
     eval_every: int | str = "epoch"        # "epoch", "never" or a number of steps
     save_every: PositiveInt | None = 100   # training-state checkpoint interval in steps (also at each epoch end)
     log_every: PositiveInt = 10
@@ -335,8 +339,23 @@ def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
     cfg.run_name = cfg.run_name or stem
     cfg.output_dir = cfg.output_dir or str(Path("runs") / cfg.run_name)
     cfg.train.metric = cfg.train.metric or ("accuracy" if cfg.task == "classification" else "perplexity")
+    fill_from_recipe(cfg.train, recipe_for(cfg.delta_configs()))
     cfg.delta = [c.to_dict() for c in cfg.delta_configs()]  # every field spelled out, defaults included
     return cfg
+
+
+def fill_from_recipe(t: TrainConfig, recipe: Recipe) -> None:
+    """Unset optimizer keys from the methods' recipe; learning rates follow its rule for the global batch
+    (batch_size x grad_accum x processes; WORLD_SIZE is set by torchrun and accelerate)."""
+    global_batch = t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    if t.learning_rate is None:
+        t.learning_rate = float(f"{recipe.learning_rate_for(global_batch):.3g}")
+    if t.head_learning_rate is None:
+        t.head_learning_rate = float(f"{recipe.head_learning_rate_for(global_batch):.3g}")
+    if t.weight_decay is None:
+        t.weight_decay = recipe.weight_decay
+    if t.warmup_ratio is None:
+        t.warmup_ratio = recipe.warmup_ratio
 
 
 def hub_offline() -> bool:

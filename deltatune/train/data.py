@@ -283,12 +283,14 @@ def cache_dir(data: DataConfig) -> Path:
     return Path(root) / "tokenized"
 
 
-def _cache_key(cfg: RunConfig, source: str, split: str, names: list[str] | None, tok_print: str) -> str:
+def _cache_key(cfg: RunConfig, source: str, split: str, names: list[str] | None, tok_print: str,
+               rows: int | None = None) -> str:
     data = cfg.data
     fmt = data_format(source, data.format)
     parts = {"v": CACHE_VERSION, "task": cfg.task, "source": _source_fingerprint(source, fmt), "split": split,
              "format": fmt, "hub_config": data.hub_config, "columns": data.columns.model_dump(),
-             "labels": data.labels, "train_names": names, "max_length": data.max_length, "tokenizer": tok_print}
+             "labels": data.labels, "train_names": names, "max_length": data.max_length, "tokenizer": tok_print,
+             "rows": rows}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -330,15 +332,24 @@ def load_split(cfg: RunConfig, tokenizer, split: str, names: list[str] | None = 
     hub_split = data.train_split if split == "train" else data.validation_split
     where = f"data.{split} ({source})"
     fmt = data_format(source, data.format)
+    limit = data.max_train_samples if split == "train" else data.max_eval_samples
+    # Records (not text corpora, which are cut into blocks after tokenising) are cut to the limit before
+    # tokenising: 2,000 rows of a 67,000-row file should not cost 67,000 tokenisations.
+    early = limit if fmt != "text" else None
     path = None
     if data.cache:
-        key = _cache_key(cfg, source, hub_split, names, tokenizer_fingerprint(tokenizer))
+        key = _cache_key(cfg, source, hub_split, names, tokenizer_fingerprint(tokenizer), early)
         path = cache_dir(data) / f"{key}.safetensors"
         cached = _read_cache(path)
         if cached is not None:
             log.info("%s: %d examples from the tokenisation cache", where, len(cached))
-            return _truncate(cached, data.max_train_samples if split == "train" else data.max_eval_samples)
-    enc = encode(read_records(source, data, hub_split), cfg, tokenizer, names, where, corpus=fmt == "text")
+            return _truncate(cached, limit)
+    rows = read_records(source, data, hub_split)
+    if early is not None and early < len(rows):
+        if cfg.task == "classification" and names is None and all(data.columns.label in r for r in rows):
+            names = label_names([r[data.columns.label] for r in rows], data.labels, where)  # from every row
+        rows = rows[:early]
+    enc = encode(rows, cfg, tokenizer, names, where, corpus=fmt == "text")
     if len(enc) == 0:
         raise DataError(f"{where}: no usable examples after tokenisation (all prompts longer than "
                         f"data.max_length={data.max_length}?)")
@@ -347,7 +358,7 @@ def load_split(cfg: RunConfig, tokenizer, split: str, names: list[str] | None = 
             _write_cache(path, enc)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
             log.warning("could not write the tokenisation cache %s (%s); continuing without it", path, e)
-    return _truncate(enc, data.max_train_samples if split == "train" else data.max_eval_samples)
+    return _truncate(enc, limit)
 
 
 def _truncate(enc: Encoded, limit: int | None) -> Encoded:

@@ -152,6 +152,8 @@ class Loop:
     def __init__(self, session: Session) -> None:
         self.s, self.t = session, session.cfg.train
         self.model, self.dist = session.model, session.dist
+        # the compiled module shares parameters with the model: saving and evaluation use the model itself
+        self.forward = torch.compile(self.model, dynamic=True) if self.t.compile else self.model
         self.params = list(session.delta.parameters().values())
         self.lengths = session.train_set.lengths()
         self.optimizer = build_optimizer(session.delta, self.t)
@@ -233,7 +235,7 @@ class Loop:
         for indices in group:
             batch = self._device_batch(self.s.train_set, indices)
             with self._autocast():
-                loss = self.model(**batch, **self.forward_kwargs).loss / len(group)
+                loss = self.forward(**batch, **self.forward_kwargs).loss / len(group)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach().float()
         loss = distributed.average_gradients(self.dist, self.params, loss_sum).item()

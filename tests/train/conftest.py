@@ -120,8 +120,9 @@ def base_overrides(model_dir: Path, train: Path, dev: Path | None, out: Path, ca
         "data": {"train": str(train), "validation": str(dev) if dev else None, "max_length": 32,
                  "cache_dir": str(cache)},
         "delta": [{"method": "lora", "r": 4, "alpha": 8, "targets": ["query", "value"]}],
-        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01, "eval_every": "epoch", "save_every": 5,
-                  "log_every": 2, "progress": "never", "warmup_ratio": 0.0, "num_threads": 1},
+        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01, "head_learning_rate": 0.01,
+                  "eval_every": "epoch", "save_every": 5, "log_every": 2, "progress": "never", "warmup_ratio": 0.0,
+                  "num_threads": 1},
         "output_dir": str(out),
         "seed": 7,
     }

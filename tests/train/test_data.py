@@ -177,8 +177,19 @@ def test_tokenisation_is_cached_and_keyed_by_settings(tmp_path, tiny_bert_dir, t
     shorter = config(tmp_path, tiny_bert_dir, sentiment_files[0], max_length=4)
     with pytest.raises(pytest.fail.Exception, match="cache not used"):
         load_split(shorter, tokenizer, "train")  # another max_length is another cache entry
+    monkeypatch.undo()
     limited = load_split(config(tmp_path, tiny_bert_dir, sentiment_files[0], max_train_samples=5), tokenizer, "train")
     assert len(limited) == 5 and torch.equal(limited.labels, first.labels[:5])
+    assert limited.label_names == first.label_names  # label names still come from every row
+
+
+def test_a_row_limit_tokenises_only_the_rows_it_keeps(tmp_path, tiny_bert_dir, tokenizer, monkeypatch,
+                                                       sentiment_files):
+    seen = []
+    encode = data_module.encode
+    monkeypatch.setattr(data_module, "encode", lambda rows, *a, **k: seen.append(len(rows)) or encode(rows, *a, **k))
+    cfg = config(tmp_path, tiny_bert_dir, sentiment_files[0], max_train_samples=7)
+    assert len(load_split(cfg, tokenizer, "train")) == 7 and seen == [7]
 
 
 def test_a_corrupt_cache_file_is_rebuilt(tmp_path, tiny_bert_dir, tokenizer, sentiment_files):
