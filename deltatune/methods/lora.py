@@ -97,6 +97,10 @@ class LoRALinear(DeltaWrapper):
         return layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_delta and self._may_fuse(x):
+            layer = self.base
+            weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
+            return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale)
         out = self.base(x)
         if not self.uses_delta:
             return out
@@ -118,8 +122,59 @@ class LoRALinear(DeltaWrapper):
                 and not self.base._forward_hooks and not isinstance(self.base, DeltaWrapper)
                 and out.dtype == hidden.dtype == self.lora_B.dtype)
 
+    def _may_fuse(self, x: torch.Tensor) -> bool:
+        """The one-kernel-per-product path (``FusedLoRALinear``): a plain frozen nn.Linear that nobody observes,
+        all in one dtype, no autocast (which would change the dtypes under us)."""
+        layer = self.base
+        frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+        return (type(layer) in linear_types() and frozen and self.sample_scale is None and self.gate_scale is None
+                and not layer._forward_hooks and not layer._forward_pre_hooks
+                and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == layer.weight.dtype == self.lora_A.dtype == self.lora_B.dtype)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    """y = x W^T + b + s (x_d A^T) B^T for a frozen W (given as ``weight_t`` = W^T, as Conv1D stores it),
+    with a hand-written backward.
+
+    Why: autograd would run the base layer and the LoRA path as separate graphs: backward then makes a
+    second full-size input gradient and adds the two, and an in-place add into a view of the output
+    costs a full copy. Here the output is one buffer (``addmm`` then ``addmm_``), and the input gradient
+    is ``g W`` with ``s (g B) A`` accumulated into it in place. Saves the LoRA input (for dA) and the
+    rank-r activation h (for dB), as autograd would. ``x_d`` is ``x`` itself unless dropout is on.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_drop, weight_t, bias, lora_a, lora_b, scale):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        flat_drop = flat if x_drop is x else x_drop.reshape(-1, shape[-1])
+        hidden = flat_drop @ lora_a.T
+        out = torch.addmm(bias, flat, weight_t) if bias is not None else flat @ weight_t
+        out.addmm_(hidden, lora_b.T, alpha=scale)
+        ctx.save_for_backward(flat_drop, hidden, weight_t, lora_a, lora_b)
+        ctx.scale, ctx.shape, ctx.same = scale, shape, x_drop is x
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat_drop, hidden, weight_t, lora_a, lora_b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        g_hidden = (g @ lora_b).mul_(ctx.scale)          # dL/dh, (N, r)
+        grad_a = g_hidden.T @ flat_drop if ctx.needs_input_grad[4] else None
+        grad_b = (g.T @ hidden).mul_(ctx.scale) if ctx.needs_input_grad[5] else None
+        grad_x = grad_drop = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight_t.T
+            if ctx.same:
+                grad_x.addmm_(g_hidden, lora_a)
+            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[1] and not ctx.same:
+            grad_drop = (g_hidden @ lora_a).view(ctx.shape)
+        return grad_x, grad_drop, None, None, grad_a, grad_b, None
 
 
 class LoRAConv1D(LoRALinear):

@@ -193,6 +193,32 @@ def test_in_place_fast_path_equals_the_formula_and_spares_hooked_outputs():
     assert torch.allclose(seen[0], layer(x))  # the hook's tensor was not modified in place
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_fused_path_gradients_equal_autograd_on_the_formula(dropout):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12)
+    model = nn.Sequential(layer)
+    delta = dt.attach(model, dt.LoRA(r=4, alpha=8, dropout=dropout, targets=["0"]))
+    perturb(delta)
+    w = delta.wrappers()[0]
+    assert w._may_fuse(torch.randn(2, 16))
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.manual_seed(1)
+    got = model(x)
+    got.pow(2).sum().backward()
+    fused = [t.grad.clone() for t in (x, w.lora_A, w.lora_B)]
+    for t in (x, w.lora_A, w.lora_B):
+        t.grad = None
+    torch.manual_seed(1)  # the same dropout mask
+    dropped = w.drop(x)
+    expected = layer(x) + 2.0 * (dropped @ w.lora_A.T @ w.lora_B.T)
+    expected.pow(2).sum().backward()
+    assert torch.allclose(got, expected, atol=1e-6)
+    for a, b in zip(fused, (x.grad, w.lora_A.grad, w.lora_B.grad), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert layer.weight.grad is None  # the frozen weight got no gradient
+
+
 def test_bf16_autocast_uses_the_out_of_place_path():
     model = nn.Sequential(nn.Linear(16, 12))
     delta = dt.attach(model, dt.LoRA(r=4, targets=["0"]))
