@@ -126,8 +126,10 @@ class LoRALinear(DeltaWrapper):
         """The one-kernel-per-product path (``FusedLoRALinear``): a plain frozen nn.Linear that nobody observes,
         all in one dtype, no autocast (which would change the dtypes under us)."""
         layer = self.base
+        if type(layer) not in linear_types():  # a stacked wrapper, a quantised or custom layer
+            return False
         frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
-        return (type(layer) in linear_types() and frozen and self.sample_scale is None and self.gate_scale is None
+        return (frozen and self.sample_scale is None and self.gate_scale is None
                 and not layer._forward_hooks and not layer._forward_pre_hooks
                 and not torch.is_autocast_enabled(x.device.type)
                 and x.dtype == layer.weight.dtype == self.lora_A.dtype == self.lora_B.dtype)
