@@ -176,7 +176,7 @@ def recipe(*configs: DeltaConfig | Delta) -> Recipe:
     """The training settings ``deltatune train`` uses for these methods when you set none.
 
     ``dt.recipe(dt.LoRA()).learning_rate`` (or pass an attached ``Delta``): use it with your own loop or
-    ``Trainer``; ``learning_rate_for(global_batch)`` applies the batch-size rule (see docs/choosing.md).
+    ``Trainer``; ``.for_batch(global_batch)`` applies the batch-size rule (see docs/choosing.md).
     """
     flat: list[DeltaConfig] = []
     for item in configs:

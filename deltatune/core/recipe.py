@@ -6,7 +6,7 @@ docs/choosing.md), not from folklore. ``deltatune train`` fills every training k
 ``recipe_for(configs)``; code that trains by itself (a ``Trainer``, a custom loop) can read the same numbers:
 
     r = dt.recipe(dt.LoRA())                     # Recipe(learning_rate=..., head_learning_rate=..., ...)
-    r.learning_rate_for(global_batch=64)         # scaled for a larger batch (the documented rule)
+    r.for_batch(64).learning_rate                # scaled for a larger batch (the documented rule)
 """
 
 from __future__ import annotations
@@ -28,15 +28,12 @@ class Recipe:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06          # share of the optimizer steps spent warming up (a rule, not a count)
 
-    def learning_rate_for(self, global_batch: int = REFERENCE_BATCH) -> float:
-        """The rule for other batch sizes: scale with sqrt(global batch / 16) (Adam's square-root rule)."""
-        return self.learning_rate * math.sqrt(global_batch / REFERENCE_BATCH)
-
-    def head_learning_rate_for(self, global_batch: int = REFERENCE_BATCH) -> float:
-        return self.head_learning_rate * math.sqrt(global_batch / REFERENCE_BATCH)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def for_batch(self, global_batch: int) -> Recipe:
+        """The rule for other batch sizes: both rates scale with sqrt(global batch / 16) (Adam's square-root
+        rule), rounded to 3 significant digits so configs stay readable."""
+        factor = math.sqrt(global_batch / REFERENCE_BATCH)
+        return dataclasses.replace(self, learning_rate=float(f"{self.learning_rate * factor:.3g}"),
+                                   head_learning_rate=float(f"{self.head_learning_rate * factor:.3g}"))
 
 
 DEFAULT = Recipe(learning_rate=1e-3)  # for a method that declares none

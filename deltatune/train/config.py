@@ -347,11 +347,11 @@ def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
 def fill_from_recipe(t: TrainConfig, recipe: Recipe) -> None:
     """Unset optimizer keys from the methods' recipe; learning rates follow its rule for the global batch
     (batch_size x grad_accum x processes; WORLD_SIZE is set by torchrun and accelerate)."""
-    global_batch = t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    recipe = recipe.for_batch(t.batch_size * t.grad_accum * int(os.environ.get("WORLD_SIZE", "1")))
     if t.learning_rate is None:
-        t.learning_rate = float(f"{recipe.learning_rate_for(global_batch):.3g}")
+        t.learning_rate = recipe.learning_rate
     if t.head_learning_rate is None:
-        t.head_learning_rate = float(f"{recipe.head_learning_rate_for(global_batch):.3g}")
+        t.head_learning_rate = recipe.head_learning_rate
     if t.weight_decay is None:
         t.weight_decay = recipe.weight_decay
     if t.warmup_ratio is None:

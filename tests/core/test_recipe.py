@@ -48,9 +48,11 @@ def test_recipe_rejects_what_is_not_a_method_config():
 
 def test_batch_rule_is_square_root_scaling_from_the_reference_batch():
     r = Recipe(learning_rate=2e-3, head_learning_rate=1e-2)
-    assert r.learning_rate_for(REFERENCE_BATCH) == 2e-3
-    assert r.learning_rate_for(4 * REFERENCE_BATCH) == pytest.approx(4e-3)
-    assert r.head_learning_rate_for(REFERENCE_BATCH // 4) == pytest.approx(5e-3)
+    assert r.for_batch(REFERENCE_BATCH) == r
+    assert (r.for_batch(4 * REFERENCE_BATCH).learning_rate, r.for_batch(4 * REFERENCE_BATCH).head_learning_rate) \
+        == (4e-3, 2e-2)
+    assert r.for_batch(REFERENCE_BATCH // 4).head_learning_rate == 5e-3
+    assert r.for_batch(2 * REFERENCE_BATCH).learning_rate == 2.83e-3  # rounded to 3 significant digits
 
 
 def test_run_config_fills_unset_keys_from_the_recipe():
