@@ -63,6 +63,19 @@ def logits(model: torch.nn.Module, ids: torch.Tensor | None = None, **kwargs) ->
         return model(input_ids=batch() if ids is None else ids, **kwargs).logits
 
 
+def adam_losses(model: torch.nn.Module, params, steps: int, lr: float, **inputs) -> list[float]:
+    """Train ``params`` with Adam for ``steps`` steps on one fixed batch; the loss before each step."""
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def perturb(delta, seed: int = 7, std: float = 0.1) -> None:
     """Give every trainable tensor of a delta random values, as if it had been trained."""
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.dora import DoRAConv1D, DoRAEmbedding, DoRALinear
-from tests.conftest import BUILDERS, batch, logits
+from tests.conftest import BUILDERS, adam_losses, batch, logits
 
 peft = pytest.importorskip("peft")
 
@@ -172,16 +172,7 @@ def test_training_follows_peft_step_for_step(tmp_path):
     dt.export_peft(delta, tmp_path / "p")
     pm = peft.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "p", is_trainable=True)
     ids = batch()
-    curves = []
-    for m in (model, pm):
-        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(losses)
+    curves = [adam_losses(m, [p for p in m.parameters() if p.requires_grad], 4, 1e-2, input_ids=ids, labels=ids)
+              for m in (model, pm)]
     assert curves[0][-1] < curves[0][0]
     assert all(abs(a - b) < 1e-5 for a, b in zip(*curves, strict=True)), curves
