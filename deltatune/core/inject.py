@@ -95,6 +95,24 @@ class DeltaWrapper(DeltaModule):
             if not name.startswith("base."):
                 yield name, param
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks come from the module it stands in for, so model code that reaches
+        into a wrapped module (``get_input_embeddings`` reading ``embeddings.word_embeddings``,
+        ``q_proj.weight.dtype``, ``in_features``) keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name.startswith("__") or "base" not in modules:  # not set up yet: no forwarding
+                raise
+            return getattr(self.attribute_source(), name)
+
+    def attribute_source(self) -> nn.Module:
+        """Where ``__getattr__`` forwards to: the original module, not a wrapper in between (forwarding to a
+        stacked wrapper would make ``register_parameter`` see its ``lora_A`` as taken); a ``ModuleCopy``
+        forwards to its copy."""
+        return self.base_layer()
+
     def base_layer(self) -> nn.Module:
         """The innermost original module, through any nested wrappers."""
         layer = self.base

@@ -49,6 +49,12 @@ class ModuleCopy(DeltaWrapper):
     def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self.copy.named_parameters()  # named like the original's: train:<path>.weight
 
+    def attribute_source(self) -> nn.Module:
+        # The copy is what runs: model code reaching into this module (say get_input_embeddings on a
+        # trained embeddings block) must see the trained submodules, not the frozen originals.
+        copied = self._modules.get("copy")
+        return copied if copied is not None and self.uses_delta else self.base_layer()
+
     def forward(self, *args, **kwargs):
         if not self.uses_delta:
             return self.base(*args, **kwargs)

@@ -116,9 +116,28 @@ def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info
     mean_loss = sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
     if data.per_token_labels:
         return {"eval_loss": mean_loss, "eval_perplexity": perplexity(mean_loss)}
-    found = classification_metrics(torch.cat([p[2] for p in parts if p[2] is not None]),
-                                   torch.cat([p[3] for p in parts if p[3] is not None]), len(data.label_names))
+    all_preds = torch.cat([p[2] for p in parts if p[2] is not None])
+    all_labels = torch.cat([p[3] for p in parts if p[3] is not None])
+    if info.is_main:
+        warn_if_collapsed(all_preds, all_labels, data.label_names)
+    found = classification_metrics(all_preds, all_labels, len(data.label_names))
     return {"eval_loss": mean_loss, **{f"eval_{k}": v for k, v in found.items()}}
+
+
+def warn_if_collapsed(preds: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> None:
+    """Warn when every prediction is one class though the labels hold several.
+
+    A learning rate too high for a method rarely diverges on a classifier: the loss stays finite while
+    the model settles on the majority class, so the NaN guard never fires and the run just looks weak.
+    """
+    if len(preds) < 2 or labels.unique().numel() < 2 or preds.unique().numel() > 1:
+        return
+    label = int(preds[0])
+    name = label_names[label] if label < len(label_names) else str(label)
+    share = (labels == label).double().mean().item()
+    log.warning("all %d evaluation predictions are class %r (%.0f%% of the labels): the model answers a "
+                "constant. If later evaluations say the same, lower train.learning_rate and "
+                "train.head_learning_rate (or train longer); see docs/choosing.md", len(preds), name, 100 * share)
 
 
 class MetricsLog:

@@ -97,3 +97,28 @@ def test_combine_applies_task_arithmetic_to_heads():
     combined = dt.combine([d1, d2], weights=[0.5, 1.0])
     got = combined.train_modules["classifier"].copy.weight - model.classifier.base_layer().weight
     assert torch.allclose(got, torch.full_like(got, 0.5 * 1.0 + 1.0 * -3.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("modules", [["bert"], ["bert.embeddings", "classifier"]])
+def test_model_code_can_reach_into_a_trained_block(modules):
+    """get_input_embeddings reads bert.embeddings.word_embeddings: a ModuleCopy there must answer with
+    the trained copy's submodule (found broken by the full-fine-tuning benchmark rows)."""
+    model = tiny_bert()
+    before, original = logits(model), model.get_input_embeddings()
+    delta = dt.attach(model, dt.LoRA(r=2, targets=["query"]), train_modules=modules)
+    embeddings = model.get_input_embeddings()
+    assert embeddings is not original and embeddings.weight.requires_grad
+    assert any(p is embeddings.weight for p in delta.parameters().values())
+    assert torch.equal(logits(model), before)
+    delta.detach()
+    assert model.get_input_embeddings() is original
+
+
+def test_wrappers_forward_attributes_to_the_module_they_wrap():
+    model = tiny_bert()
+    query = model.bert.encoder.layer[0].attention.self.query
+    dt.attach(model, dt.LoRA(r=2, targets=["query"]))
+    wrapped = model.bert.encoder.layer[0].attention.self.query
+    assert wrapped is not query and wrapped.in_features == query.in_features and wrapped.weight is query.weight
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        wrapped.no_such_attribute

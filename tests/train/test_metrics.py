@@ -43,3 +43,17 @@ def test_perplexity_and_direction():
     assert math.isfinite(perplexity(1e6))
     assert is_better("accuracy", 0.9, 0.8) and not is_better("accuracy", 0.7, 0.8)
     assert is_better("perplexity", 3.0, 4.0) and is_better("loss", 0.1, None)
+
+
+def test_a_constant_answer_is_warned_about(caplog):
+    from deltatune.train.loop import warn_if_collapsed
+
+    labels = torch.tensor([0, 1, 1, 1])
+    with caplog.at_level("WARNING", logger="deltatune.train.loop"):
+        warn_if_collapsed(torch.tensor([1, 1, 1, 1]), labels, ["unacceptable", "acceptable"])
+    assert "all 4 evaluation predictions are class 'acceptable' (75% of the labels)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deltatune.train.loop"):
+        warn_if_collapsed(torch.tensor([1, 0, 1, 1]), labels, ["unacceptable", "acceptable"])  # two classes
+        warn_if_collapsed(torch.tensor([1, 1]), torch.tensor([1, 1]), ["no", "yes"])  # one class in the labels
+    assert caplog.text == ""
