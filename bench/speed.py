@@ -3,6 +3,7 @@
 One (model, row, library) configuration per process, so peak RSS is that configuration's own:
     python bench/speed.py run --model minilm --row lora_qv --lib deltatune      # one JSON line
     python bench/speed.py all --out bench/results/speed.jsonl                   # every row, fresh processes
+    python bench/speed.py infer-all --out bench/results/infer.jsonl             # paired inference latency
 Fixed seeds, 2 threads, warm-up steps excluded, median and spread (IQR) of the measured steps.
 """
 
@@ -192,6 +193,81 @@ def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dic
     return result
 
 
+INFER_ROWS = ["lora_qv", "lora_all", "dora", "ia3", "prefix", "prompt", "adapter_houlsby"]
+
+
+def run_inference(model_name: str, row: str, lib: str, reps: int) -> dict:
+    """Inference latency as a ratio to the bare model, measured in pairs: each round times a frozen copy of
+    the base model and then the model with the delta, so drift of the machine (other tenants) cancels in the
+    per-round ratios; the medians of those ratios are reported, unmerged and (where the method merges) merged."""
+    import copy
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    base = build_model(model_name)
+    model, _, merge = {"deltatune": apply_deltatune, "peft": apply_peft}[lib](copy.deepcopy(base), row)
+    base.eval()
+    model.eval()
+    batch = {k: v for k, v in make_batch(base, *MODELS[model_name]).items() if k != "labels"}
+
+    def paired(label: str) -> dict:
+        pairs = []
+        for i in range(reps + 2):  # the first two rounds warm up
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                base(**batch)
+                t1 = time.perf_counter()
+                model(**batch)
+                t2 = time.perf_counter()
+            if i >= 2:
+                pairs.append((t1 - t0, t2 - t1))
+        return {f"{label}_ms": 1000 * statistics.median(t for _, t in pairs),
+                f"{label}_base_ms": 1000 * statistics.median(b for b, _ in pairs),
+                f"{label}_ratio": statistics.median(t / b for b, t in pairs)}
+
+    result = {"model": model_name, "row": row, "lib": lib, "reps": reps, **paired("unmerged")}
+    if merge is not None:
+        merge()
+        result.update(paired("merged"))
+    return result
+
+
+def infer_table(path: Path, model: str) -> str:
+    """Markdown rows from ``infer`` results (the latest line per row and library). "vs PEFT" divides the
+    two libraries' ratios to their own paired base runs (robust to drift between the two processes)."""
+    latest = {(r["row"], r["lib"]): r for r in map(json.loads, path.read_text().splitlines())
+              if r.get("model") == model and "error" not in r}
+    out = ["| row | lib | base ms | unmerged ms | unmerged × base | vs PEFT | merged ms | merged × base | vs PEFT |",
+           "|" + "---|" * 9]
+    for (row, lib), r in latest.items():
+        peft = latest.get((row, "peft")) if lib != "peft" else None
+        cells = [row, lib, f"{r['unmerged_base_ms']:.0f}"]
+        for kind in ("unmerged", "merged"):
+            if f"{kind}_ms" not in r:
+                cells += ["—", "—", ""]
+                continue
+            theirs = peft and peft.get(f"{kind}_ratio")
+            cells += [f"{r[f'{kind}_ms']:.0f}", f"{r[f'{kind}_ratio']:.3f}",
+                      f"{r[f'{kind}_ratio'] / theirs:.2f}" if theirs else ""]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def infer_all(out: Path, model_name: str, reps: int, only: list[str] | None) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as sink:
+        for row in [r for r in INFER_ROWS if only is None or r in only]:
+            for lib in ROWS[row]:
+                cmd = [sys.executable, __file__, "infer", "--model", model_name, "--row", row, "--lib", lib,
+                       "--steps", str(reps)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else json.dumps(
+                    {"model": model_name, "row": row, "lib": lib, "error": proc.stderr.strip()[-400:]})
+                print(line, flush=True)
+                sink.write(line + "\n")
+                sink.flush()
+
+
 def run_all(out: Path, models: list[str], steps: int, warmup: int, only: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as sink:
@@ -244,7 +320,8 @@ def table(path: Path, model: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["run", "all", "table"])
+    parser.add_argument("what", choices=["run", "all", "table", "infer", "infer-all", "infer-table"],
+                        help="infer*: paired inference latency vs the bare model (--steps rounds, default 10)")
     parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
     parser.add_argument("--models", default="minilm,llama110m,smollm2")
     parser.add_argument("--row", default="lora_qv", choices=sorted(ROWS))
@@ -258,6 +335,12 @@ def main() -> None:
         print(json.dumps(run_one(args.model, args.row, args.lib, args.steps, args.warmup)))
     elif args.what == "table":
         print(table(args.out, args.model))
+    elif args.what == "infer":
+        print(json.dumps(run_inference(args.model, args.row, args.lib, args.steps)))
+    elif args.what == "infer-all":
+        infer_all(args.out, args.model, args.steps, args.rows.split(",") if args.rows else None)
+    elif args.what == "infer-table":
+        print(infer_table(args.out, args.model))
     else:
         run_all(args.out, args.models.split(","), args.steps, args.warmup, args.rows.split(",") if args.rows else None)
 

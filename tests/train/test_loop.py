@@ -214,3 +214,20 @@ def test_compiled_training_gives_the_same_weights_as_eager(tmp_path, tiny_bert_n
     assert eager.keys() == compiled.keys()
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-5) for k in eager)
     assert all(eager[k].abs().sum() > 0 for k in eager if "lora_B" in k)  # trained: B moved away from zero
+
+
+def test_full_fine_tuning_through_a_whole_backbone_copy(tmp_path, tiny_bert_nodrop_dir, sentiment_files):
+    """train_modules naming the whole backbone: transformers' get_input_embeddings reaches into the copy."""
+    _, cfg = make_config(tmp_path, tiny_bert_nodrop_dir, sentiment_files, "whole", max_steps=3, eval_every="never",
+                         learning_rate=1e-3, head_learning_rate=1e-3)
+    cfg.delta = [{"method": "train", "modules": ["bert", "classifier"]}]
+    cfg.train_modules = []
+    summary = jobs.train(cfg)
+    saved = weights(Path(cfg.output_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_nodrop_dir)
+    assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
+    embedding = saved["train:bert.embeddings.word_embeddings.weight"]
+    assert not torch.equal(embedding, base.bert.embeddings.word_embeddings.weight)  # trained
+    loaded = dt.load(base, Path(cfg.output_dir) / "last")
+    assert torch.equal(base.get_input_embeddings().weight, embedding)
+    loaded.detach()
