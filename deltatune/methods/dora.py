@@ -6,6 +6,8 @@ pass is PEFT's (peft/tuners/lora/dora.py), so adapters move both ways without ch
 
     y = W x + b + (m / n - 1) * W x + (m / n) * s * B A x,    n = ||W + s B A||, detached
 
+(computed as W x + b + (m / n) (W x + s B A x) - W x, which keeps one activation for backward, not two).
+
 Detaching n from the graph is the paper's sec. 4.3 ("treat ||V + dV||_c as a constant"): m and the LoRA
 factors still get gradients, at LoRA's memory cost. With dropout active (training, p > 0) both W x and
 B A x read the dropped input, again as PEFT. Merging writes m / n * (W + s B A) into W and keeps m / n so
@@ -68,8 +70,10 @@ class DoRALinear(LoRALinear):
             wx = out if layer.bias is None else out - layer.bias
         else:
             wx = F.linear(x, self._weight())
-        lora = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return out + self.scaled((factor - 1) * wx + factor * lora * self.scale)
+        # (factor - 1) W x + factor s B A x, written as factor (W x + s B A x) - W x: autograd then keeps one
+        # activation-sized tensor for backward (the sum) instead of two (W x and B A x)
+        combined = wx + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return out + self.scaled(factor * combined - wx)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -133,8 +137,8 @@ class DoRAEmbedding(LoRAEmbedding):
         layer = self.base_layer()
         rows = out if self.base is layer else layer(ids)
         factor = self.magnitude / self._norm(self._lora_weight().detach()).detach()
-        lora = F.embedding(ids, self.lora_A.T, padding_idx=layer.padding_idx) @ self.lora_B.T
-        return out + self.scaled((factor - 1) * rows + factor * lora * self.scale)
+        combined = rows + (F.embedding(ids, self.lora_A.T, padding_idx=layer.padding_idx) @ self.lora_B.T) * self.scale
+        return out + self.scaled(factor * combined - rows)  # one saved activation, as in DoRALinear
 
     @torch.no_grad()
     def merge(self) -> None:
