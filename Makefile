@@ -38,15 +38,17 @@ conformance: install
 bench: install  ## speed / memory / latency vs PEFT, one configuration per process, then train end to end vs PEFT + Trainer
 	$(PY) bench/speed.py all --out bench/results/speed.jsonl
 	for m in minilm llama110m smollm2; do $(PY) bench/speed.py table --model $$m --out bench/results/speed.jsonl; done
+	$(PY) bench/speed.py infer-all --out bench/results/infer.jsonl
+	$(PY) bench/speed.py infer-table --out bench/results/infer.jsonl
 	$(PY) bench/peft_trainer.py e2e --out bench/results/e2e.jsonl
 
 bench-quality: install  ## accuracy of every method (and PEFT's LoRA) on SST-2, MRPC, CoLA, MR; table + PNG (~1 h)
 	$(PY) bench/quality.py sweep --tasks quality --recipes quality --jobs 2
 	$(PY) bench/quality.py table --tasks quality --recipes quality --plot bench/results/quality.png
 
-bench-defaults: install  ## defaults vs full fine-tuning on the eight public tasks (issue 10; ~1 h)
-	$(PY) bench/quality.py sweep --tasks all --recipes full,head_only,lora,lora_common --jobs 2
-	$(PY) bench/quality.py table --tasks all --recipes full,head_only,lora,lora_common
+bench-defaults: install  ## every method's defaults vs full fine-tuning on the eight public tasks (issue 10; ~2.5 h)
+	$(PY) bench/quality.py sweep --tasks all --recipes defaults --jobs 2
+	$(PY) bench/quality.py table --tasks all --recipes defaults
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

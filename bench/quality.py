@@ -149,13 +149,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def table(path: Path, tasks: list[str], recipes: list[str], plot: Path | None) -> str:
-    """Markdown: one row per recipe (default settings only), one column per task, mean and trainable %."""
+    """Markdown: one row per recipe (default settings only), one column per task, the mean, trainable %, and
+    on how many tasks the recipe beats head-only training (issue 10's bar: strictly above it)."""
     rows = [r for r in read_rows(path) if not r["sets"]]
     cell = {(r["task"], r["recipe"]): r for r in rows}
     tasks = [t for t in tasks if any((t, r) in cell for r in recipes)]
     head = "| recipe | " + " | ".join(f"{t} ({TASKS[t][2]})" for t in tasks) + " | mean | vs full | trainable % | " \
-           "time s (mean) |"
-    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+           "time s (mean) | > head-only |"
+    lines = [head, "|" + "---|" * (len(tasks) + 6)]
     full_mean = None
     points = []
     for recipe in recipes:
@@ -166,15 +167,19 @@ def table(path: Path, tasks: list[str], recipes: list[str], plot: Path | None) -
         mean = sum(values) / len(values) if len(values) == len(tasks) else None
         if recipe == "full":
             full_mean = mean
+        scores = " | ".join(f"{100 * g['value']:.1f}" if g else "—" for g in got)
+        if mean is None:
+            lines.append(f"| {recipe} | {scores} | | | | | |")
+            continue
         first = next(g for g in got if g)
-        gap = f"{mean - full_mean:+.1f}" if mean is not None and full_mean is not None else ""
+        gap = f"{mean - full_mean:+.1f}" if full_mean is not None else ""
         times = [g["time_s"] for g in got if g]
-        lines.append(f"| {recipe} | " + " | ".join(f"{100 * g['value']:.1f}" if g else "—" for g in got)
-                     + f" | {mean:.1f} | {gap} | {first['trainable_percent']:.3f} | {sum(times) / len(times):.0f} |"
-                     if mean is not None else f"| {recipe} | " + " | ".join(f"{100 * g['value']:.1f}" if g else "—"
-                                                                            for g in got) + " | | | | |")
-        if mean is not None:
-            points.append((recipe, first["trainable_percent"], mean))
+        floor = [cell.get((t, "head_only")) for t in tasks]
+        wins = f"{sum(g['value'] > f['value'] for g, f in zip(got, floor, strict=True))}/{len(tasks)}" \
+            if all(floor) and recipe != "head_only" else ""
+        lines.append(f"| {recipe} | {scores} | {mean:.1f} | {gap} | {first['trainable_percent']:.3f} | "
+                     f"{sum(times) / len(times):.0f} | {wins} |")
+        points.append((recipe, first["trainable_percent"], mean))
     if plot is not None and points:
         plot_points(points, plot)
     return "\n".join(lines)
