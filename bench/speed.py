@@ -253,36 +253,33 @@ def infer_table(path: Path, model: str) -> str:
     return "\n".join(out)
 
 
-def infer_all(out: Path, model_name: str, reps: int, only: list[str] | None) -> None:
+def in_fresh_processes(out: Path, jobs: list[tuple[str, str, str, str, list[str]]]) -> None:
+    """Run ``speed.py <what> --model M --row R --lib L <extra>`` per (what, model, row, lib, extra) job, each in
+    its own process (so peak RSS is that configuration's), appending each JSON line (or its error) to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as sink:
-        for row in [r for r in INFER_ROWS if only is None or r in only]:
-            for lib in ROWS[row]:
-                cmd = [sys.executable, __file__, "infer", "--model", model_name, "--row", row, "--lib", lib,
-                       "--steps", str(reps)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else json.dumps(
-                    {"model": model_name, "row": row, "lib": lib, "error": proc.stderr.strip()[-400:]})
-                print(line, flush=True)
-                sink.write(line + "\n")
-                sink.flush()
+        for what, model_name, row, lib, extra in jobs:
+            cmd = [sys.executable, __file__, what, "--model", model_name, "--row", row, "--lib", lib, *extra]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else json.dumps(
+                {"model": model_name, "row": row, "lib": lib, "error": proc.stderr.strip()[-400:]})
+            print(line, flush=True)
+            sink.write(line + "\n")
+            sink.flush()
+
+
+def infer_all(out: Path, model_name: str, reps: int, only: list[str] | None) -> None:
+    in_fresh_processes(out, [("infer", model_name, row, lib, ["--steps", str(reps)])
+                             for row in INFER_ROWS if only is None or row in only for lib in ROWS[row]])
 
 
 def run_all(out: Path, models: list[str], steps: int, warmup: int, only: list[str] | None = None) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as sink:
-        for model_name in models:
-            rows = DECODER_ROWS if model_name == "llama110m" else (["lora_qv"] if model_name == "smollm2" else ROWS)
-            for row in [r for r in rows if only is None or r in only]:
-                for lib in ROWS[row]:
-                    cmd = [sys.executable, __file__, "run", "--model", model_name, "--row", row, "--lib", lib,
-                           "--steps", str(steps), "--warmup", str(warmup)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else json.dumps(
-                        {"model": model_name, "row": row, "lib": lib, "error": proc.stderr.strip()[-400:]})
-                    print(line, flush=True)
-                    sink.write(line + "\n")
-                    sink.flush()
+    jobs = []
+    for model_name in models:
+        rows = DECODER_ROWS if model_name == "llama110m" else (["lora_qv"] if model_name == "smollm2" else ROWS)
+        jobs += [("run", model_name, row, lib, ["--steps", str(steps), "--warmup", str(warmup)])
+                 for row in rows if only is None or row in only for lib in ROWS[row]]
+    in_fresh_processes(out, jobs)
 
 
 def table(path: Path, model: str) -> str:
