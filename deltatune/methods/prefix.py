@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PrefixTuning(DeltaConfig):
     method = "prefix"
-    recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-2)  # measured: BENCHMARKS.md "Defaults"
+    recipe = Recipe(learning_rate=3e-4, head_learning_rate=1e-2)  # measured: BENCHMARKS.md "Defaults"
 
     num_tokens: int = 20               # prefix length per layer: capacity and attention cost grow with it
     reparam_hidden: int | None = 512   # width of the training-time MLP (0/None: train the prefixes directly)
