@@ -77,7 +77,11 @@ def _lookup(pattern: dict, path: str, default):
 
 
 class LoRALinear(DeltaWrapper):
-    """Rank-r update on a frozen nn.Linear: y = W x + b + scale * B(A(dropout(x)))."""
+    """Rank-r update on a frozen nn.Linear: y = W x + b + scale * B(A(dropout(x))).
+
+    Three ways to compute it, chosen per call: training on a plain frozen layer runs ``FusedLoRALinear``;
+    inference over many tokens multiplies by W + scale * B A built for the call (``_merge_on_the_fly``);
+    anything else (hooks, routing, stacked deltas, autocast) runs the two paths separately."""
 
     mergeable = True
 
@@ -100,6 +104,11 @@ class LoRALinear(DeltaWrapper):
         if self.uses_delta and self._may_fuse(x):
             layer = self.base
             weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
+            if self._merge_on_the_fly(x, weight_t):
+                # W + s B A costs one weight-sized pass; the low-rank path costs three activation-sized ones.
+                # The layer's own forward runs with it (same layout, same kernel: exactly the base while B = 0).
+                merged = layer.weight + self.delta_weight()
+                return torch.func.functional_call(layer, {"weight": merged}, (x,))
             return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale)
         out = self.base(x)
         if not self.uses_delta:
@@ -133,6 +142,18 @@ class LoRALinear(DeltaWrapper):
                 and not layer._forward_hooks and not layer._forward_pre_hooks
                 and not torch.is_autocast_enabled(x.device.type)
                 and x.dtype == layer.weight.dtype == self.lora_A.dtype == self.lora_B.dtype)
+
+    def _merge_on_the_fly(self, x: torch.Tensor, weight_t: torch.Tensor) -> bool:
+        """Inference over many tokens (no autograd, no dropout): multiply by W + s B A built for this call.
+
+        The low-rank path reads the input and rewrites the output once more each (N x (in + out) values);
+        building the merged weight touches in x out values, so it wins once N (in + out) > in x out, e.g.
+        past ~190 tokens for a 384 x 384 layer. Decoding a few tokens at a time keeps the low-rank path.
+        Equal to it up to float rounding (exactly the base output while B is zero)."""
+        if torch.is_grad_enabled() or (self.training and not isinstance(self.drop, nn.Identity)):
+            return False
+        fan_in, fan_out = weight_t.shape
+        return (x.numel() // fan_in) * (fan_in + fan_out) > fan_in * fan_out
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale

@@ -101,7 +101,8 @@ def test_combined_delta_saves_and_loads(tmp_path):
     combined.save(tmp_path / "c")
     fresh = BUILDERS["gpt2"]()
     dt.load(fresh, tmp_path / "c")
-    assert torch.equal(logits(fresh), out)
+    # the combined delta sits on the (inactive) originals there, alone here: other kernels, same numbers
+    assert torch.allclose(logits(fresh), out, atol=1e-5, rtol=0)
 
 
 def test_combine_onto_another_copy_of_the_base():

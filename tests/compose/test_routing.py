@@ -31,7 +31,8 @@ def test_mixed_batch_equals_each_delta_alone(arch):
     with dt.route(model, names):
         mixed = logits(model, IDS)
     for i, name in enumerate(names):
-        assert torch.allclose(mixed[i], outs[name][i], atol=1e-6, rtol=0), (i, name)
+        # alone, LoRA may build W + sBA for the call; routed, it runs the low-rank path: equal up to rounding
+        assert torch.allclose(mixed[i], outs[name][i], atol=1e-5, rtol=0), (i, name)
     assert not torch.allclose(outs["x"], outs["y"])
 
 

@@ -228,3 +228,26 @@ def test_bf16_autocast_uses_the_out_of_place_path():
         out = model(x)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), model(x), atol=0.1)
+
+
+@pytest.mark.parametrize("layer_type", [nn.Linear, Conv1D])
+def test_inference_over_many_tokens_merges_on_the_fly(monkeypatch, layer_type):
+    """No autograd and N (in + out) > in x out: one matmul with W + sBA instead of the low-rank path.
+    Same numbers as the formula, exactly the base while B is zero, and the low-rank path for short inputs."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12) if layer_type is nn.Linear else Conv1D(12, 16)
+    model = nn.Sequential(layer)
+    delta = dt.attach(model, dt.LoRA(r=4, alpha=8, targets=["0"]))
+    calls = []
+    fused = dt.methods.lora.FusedLoRALinear.apply
+    monkeypatch.setattr(dt.methods.lora.FusedLoRALinear, "apply", lambda *a: calls.append(1) or fused(*a))
+    long_x, short_x = torch.randn(2, 20, 16), torch.randn(1, 2, 16)  # 40 x 28 > 192 > 2 x 28 token-features
+    with torch.no_grad():
+        assert torch.equal(model(long_x), layer(long_x)) and not calls  # B = 0: bitwise the base layer
+        perturb(delta)
+        w = delta.wrappers()[0]
+        for x in (long_x, short_x):
+            assert torch.allclose(model(x), layer(x) + 2.0 * (x @ w.lora_A.T @ w.lora_B.T), atol=1e-6)
+    assert len(calls) == 1  # only the short input took the low-rank path
+    model(long_x)  # with autograd on: the low-rank path, whose gradients reach A and B only
+    assert len(calls) == 2
