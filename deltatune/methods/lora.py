@@ -106,9 +106,8 @@ class LoRALinear(DeltaWrapper):
             weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
             if self._merge_on_the_fly(x, weight_t):
                 # W + s B A costs one weight-sized pass; the low-rank path costs three activation-sized ones.
-                # The layer's own forward runs with it (same layout, same kernel: exactly the base while B = 0).
-                merged = layer.weight + self.delta_weight()
-                return torch.func.functional_call(layer, {"weight": merged}, (x,))
+                # Same layout and kernel as the layer's own forward: exactly the base output while B = 0.
+                return self._base_forward(x, layer.weight + self.delta_weight())
             return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale)
         out = self.base(x)
         if not self.uses_delta:
@@ -142,6 +141,10 @@ class LoRALinear(DeltaWrapper):
                 and not layer._forward_hooks and not layer._forward_pre_hooks
                 and not torch.is_autocast_enabled(x.device.type)
                 and x.dtype == layer.weight.dtype == self.lora_A.dtype == self.lora_B.dtype)
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """What the base layer's forward computes, with ``weight`` in place of its own."""
+        return F.linear(x, weight, self.base.bias)
 
     def _merge_on_the_fly(self, x: torch.Tensor, weight_t: torch.Tensor) -> bool:
         """Inference over many tokens (no autograd, no dropout): multiply by W + s B A built for this call.
@@ -209,6 +212,11 @@ class LoRAConv1D(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight().T
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # as transformers' Conv1D.forward
+        out = torch.addmm(self.base.bias, flat, weight)
+        return out.view(*x.shape[:-1], weight.shape[1])
 
 
 class LoRAEmbedding(DeltaWrapper):
