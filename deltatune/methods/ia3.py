@@ -21,6 +21,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, StateError
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.merge_on_the_fly import linear_forward, merges_pay
 from ..core.recipe import Recipe
 from ..core.structure import features, transformer_blocks
 from ..core.targets import Targets, find_targets, linear_types
@@ -67,6 +68,12 @@ class IA3Linear(DeltaWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_delta:
             return self.base(x)
+        layer = self.base
+        if (type(layer) in linear_types() and self.sample_scale is None and self.gate_scale is None
+                and not layer._forward_hooks and not layer._forward_pre_hooks and merges_pay(x, layer)):
+            # inference over many tokens: scale the weight once instead of the activations (merge_on_the_fly.py)
+            bias = layer.bias if self.on_input or layer.bias is None else layer.bias * self.l
+            return linear_forward(layer, x, layer.weight * self._weight_view(), bias)
         if self.on_input:
             return self.base(self._rescale(x))
         return self._rescale(self.base(x))

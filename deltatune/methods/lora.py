@@ -19,6 +19,7 @@ from torch import nn
 from ..auto.budget import RankAllocator, RankBudget
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.merge_on_the_fly import linear_forward, merges_pay
 from ..core.recipe import Recipe
 from ..core.targets import Targets, find_targets, linear_types
 from .registry import register
@@ -80,7 +81,7 @@ class LoRALinear(DeltaWrapper):
     """Rank-r update on a frozen nn.Linear: y = W x + b + scale * B(A(dropout(x))).
 
     Three ways to compute it, chosen per call: training on a plain frozen layer runs ``FusedLoRALinear``;
-    inference over many tokens multiplies by W + scale * B A built for the call (``_merge_on_the_fly``);
+    inference over many tokens multiplies by W + scale * B A built for the call (``core.merge_on_the_fly``);
     anything else (hooks, routing, stacked deltas, autocast) runs the two paths separately."""
 
     mergeable = True
@@ -104,10 +105,8 @@ class LoRALinear(DeltaWrapper):
         if self.uses_delta and self._may_fuse(x):
             layer = self.base
             weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
-            if self._merge_on_the_fly(x, weight_t):
-                # W + s B A costs one weight-sized pass; the low-rank path costs three activation-sized ones.
-                # Same layout and kernel as the layer's own forward: exactly the base output while B = 0.
-                return self._base_forward(x, layer.weight + self.delta_weight())
+            if merges_pay(x, layer) and not self._dropout_on():  # core/merge_on_the_fly.py: why and when
+                return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
             return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale)
         out = self.base(x)
         if not self.uses_delta:
@@ -142,21 +141,8 @@ class LoRALinear(DeltaWrapper):
                 and not torch.is_autocast_enabled(x.device.type)
                 and x.dtype == layer.weight.dtype == self.lora_A.dtype == self.lora_B.dtype)
 
-    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """What the base layer's forward computes, with ``weight`` in place of its own."""
-        return F.linear(x, weight, self.base.bias)
-
-    def _merge_on_the_fly(self, x: torch.Tensor, weight_t: torch.Tensor) -> bool:
-        """Inference over many tokens (no autograd, no dropout): multiply by W + s B A built for this call.
-
-        The low-rank path reads the input and rewrites the output once more each (N x (in + out) values);
-        building the merged weight touches in x out values, so it wins once N (in + out) > in x out, e.g.
-        past ~190 tokens for a 384 x 384 layer. Decoding a few tokens at a time keeps the low-rank path.
-        Equal to it up to float rounding (exactly the base output while B is zero)."""
-        if torch.is_grad_enabled() or (self.training and not isinstance(self.drop, nn.Identity)):
-            return False
-        fan_in, fan_out = weight_t.shape
-        return (x.numel() // fan_in) * (fan_in + fan_out) > fan_in * fan_out
+    def _dropout_on(self) -> bool:
+        return self.training and not isinstance(self.drop, nn.Identity)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
@@ -212,11 +198,6 @@ class LoRAConv1D(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight().T
-
-    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # as transformers' Conv1D.forward
-        out = torch.addmm(self.base.bias, flat, weight)
-        return out.view(*x.shape[:-1], weight.shape[1])
 
 
 class LoRAEmbedding(DeltaWrapper):

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
+from deltatune.core.merge_on_the_fly import linear_forward
 from deltatune.methods.ia3 import IA3Linear
 from tests.conftest import BUILDERS, logits
 
@@ -129,3 +130,28 @@ def test_inspect_says_which_side_is_scaled():
     text = dt.inspect(model)
     assert "c_attn: ia3 wraps Conv1D(32x96) scales output  [96 params]" in text
     assert "c_proj: ia3 wraps Conv1D(128x32) scales input (FFN activations)  [128 params]" in text
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+@pytest.mark.parametrize("layer_type", [nn.Linear, Conv1D])
+def test_inference_over_many_tokens_scales_the_weight_instead(monkeypatch, layer_type, on_input):
+    """Without autograd and over many tokens IA3 multiplies by the rescaled weight (core/merge_on_the_fly.py):
+    bitwise the base while l = 1, the formula after training, the activation path for short inputs."""
+    import deltatune.methods.ia3 as ia3_module
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12) if layer_type is nn.Linear else Conv1D(12, 16)
+    model = nn.Sequential(layer)
+    targets = dict(targets=["0"], feedforward=["0"] if on_input else None)
+    delta = dt.attach(model, dt.IA3(**targets))
+    calls = []
+    monkeypatch.setattr(ia3_module, "linear_forward", lambda *a: calls.append(1) or linear_forward(*a))
+    long_x, short_x = torch.randn(2, 20, 16), torch.randn(1, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(long_x), layer(long_x)) and len(calls) == 1
+        w = delta.wrappers()[0]
+        w.l.uniform_(0.5, 1.5)
+        for x in (long_x, short_x):
+            expected = layer(x * w.l) if on_input else layer(x) * w.l
+            assert torch.allclose(model(x), expected, atol=1e-6)
+    assert len(calls) == 2  # the short input scaled its activations
