@@ -113,6 +113,16 @@ class DeltaWrapper(DeltaModule):
         forwards to its copy."""
         return self.base_layer()
 
+    def base_is_plain_linear(self) -> bool:
+        """Whether the base is an nn.Linear/Conv1D that nobody observes (not a stacked wrapper, a quantised or
+        custom layer; no hooks) and no routing or gate scales the delta: then a method may compute the layer's
+        output its own way (fused, or with a folded weight) instead of calling it."""
+        from .targets import linear_types  # targets imports this module
+
+        layer = self.base
+        return (type(layer) in linear_types() and self.sample_scale is None and self.gate_scale is None
+                and not layer._forward_hooks and not layer._forward_pre_hooks)
+
     def base_layer(self) -> nn.Module:
         """The innermost original module, through any nested wrappers."""
         layer = self.base

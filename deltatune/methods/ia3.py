@@ -69,8 +69,7 @@ class IA3Linear(DeltaWrapper):
         if not self.uses_delta:
             return self.base(x)
         layer = self.base
-        if (type(layer) in linear_types() and self.sample_scale is None and self.gate_scale is None
-                and not layer._forward_hooks and not layer._forward_pre_hooks and merges_pay(x, layer)):
+        if self.base_is_plain_linear() and merges_pay(x, layer):
             # inference over many tokens: scale the weight once instead of the activations (merge_on_the_fly.py)
             bias = layer.bias if self.on_input or layer.bias is None else layer.bias * self.l
             return linear_forward(layer, x, layer.weight * self._weight_view(), bias)

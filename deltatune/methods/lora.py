@@ -104,9 +104,9 @@ class LoRALinear(DeltaWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_delta and self._may_fuse(x):
             layer = self.base
-            weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
             if merges_pay(x, layer) and not self._dropout_on():  # core/merge_on_the_fly.py: why and when
                 return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
+            weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
             return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale)
         out = self.base(x)
         if not self.uses_delta:
@@ -132,13 +132,11 @@ class LoRALinear(DeltaWrapper):
     def _may_fuse(self, x: torch.Tensor) -> bool:
         """The one-kernel-per-product path (``FusedLoRALinear``): a plain frozen nn.Linear that nobody observes,
         all in one dtype, no autocast (which would change the dtypes under us)."""
-        layer = self.base
-        if type(layer) not in linear_types():  # a stacked wrapper, a quantised or custom layer
+        if not self.base_is_plain_linear():
             return False
+        layer = self.base
         frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
-        return (frozen and self.sample_scale is None and self.gate_scale is None
-                and not layer._forward_hooks and not layer._forward_pre_hooks
-                and not torch.is_autocast_enabled(x.device.type)
+        return (frozen and not torch.is_autocast_enabled(x.device.type)
                 and x.dtype == layer.weight.dtype == self.lora_A.dtype == self.lora_B.dtype)
 
     def _dropout_on(self) -> bool:
