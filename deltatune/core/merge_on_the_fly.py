@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .structure import features
+
 
 def merges_pay(x: torch.Tensor, layer: nn.Module) -> bool:
     """Whether folding the delta into ``layer``'s weight for this call is cheaper (and allowed: no autograd)."""
     if torch.is_grad_enabled():
         return False
-    fan_out, fan_in = (layer.weight.shape if isinstance(layer, nn.Linear) else layer.weight.shape[::-1])
+    fan_in, fan_out = features(layer)
     return (x.numel() // fan_in) * (fan_in + fan_out) > fan_in * fan_out
 
 

@@ -63,7 +63,7 @@ class DoRALinear(LoRALinear):
         if not self.uses_delta:
             return out
         factor = self.magnitude / self._norm(self._lora_weight().detach()).detach()
-        dropout_on = self.training and not isinstance(self.drop, nn.Identity)
+        dropout_on = self._dropout_on()
         x = self.drop(x) if dropout_on else x
         layer = self.base_layer()
         if self.base is layer and not dropout_on:  # reuse the base output, as PEFT does
