@@ -130,11 +130,14 @@ def initial_prompt(model: nn.Module, cfg: DeltaConfig, generator: torch.Generato
 
 # -- the hooks ---------------------------------------------------------------------------------------
 
-def _cache_length(past) -> int:
+def _cache_length(kwargs: dict) -> int:
+    """Tokens already in the forward call's KV cache (``cache`` since transformers 5.24, ``past_key_values``
+    before)."""
+    past = next((kwargs[key] for key in ("cache", "past_key_values") if kwargs.get(key) is not None), None)
     if past is None:
         return 0
     if not hasattr(past, "get_seq_length"):
-        raise StateError(f"prompt tuning needs past_key_values as a transformers Cache, got {type(past).__name__}")
+        raise StateError(f"prompt tuning needs the KV cache as a transformers Cache, got {type(past).__name__}")
     return int(past.get_seq_length())
 
 
@@ -189,7 +192,7 @@ class _PromptHooks:
         if mask is not None and mask.dim() != 2:
             raise StateError(f"prompt tuning needs a 2D attention_mask (batch, length), got shape "
                              f"{tuple(mask.shape)}; a prepared 4D mask cannot be extended by the prompt")
-        if _cache_length(kwargs.get("past_key_values")) > 0:
+        if _cache_length(kwargs) > 0:
             self._continue(kwargs)  # the cache holds the prompt already
             return (), kwargs
         self.stack[-1] = self._insert_prompt(kwargs)

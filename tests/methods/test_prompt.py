@@ -234,8 +234,10 @@ def test_encoder_decoder_models_are_refused_untouched():
     assert dict(model.named_modules()) == names and not model._forward_pre_hooks
 
 
-def test_cache_position_is_shifted_past_the_prompt():
-    """transformers 5 no longer passes cache_position, remote-code models still may: it must count the prompt."""
+@pytest.mark.parametrize("cache_key", ["cache", "past_key_values"])  # transformers 5.24 renamed it "cache"
+def test_cache_position_is_shifted_past_the_prompt(cache_key):
+    """transformers 5 no longer passes cache_position, remote-code models still may: it must count the prompt.
+    A step with a filled cache (under either name) gets no second prompt."""
     model = tiny_llama()
     delta = dt.attach(model, dt.PromptTuning(num_tokens=4))
     hooks = next(h for h in model._forward_pre_hooks.values()).__self__
@@ -244,9 +246,10 @@ def test_cache_position_is_shifted_past_the_prompt():
     hooks.stack.clear()
     with torch.no_grad():
         cache = model(input_ids=batch(), use_cache=True).past_key_values  # holds 4 + 11 positions
-    _, step = hooks.before(model, (), {"input_ids": batch()[:, :1], "past_key_values": cache,
+    _, step = hooks.before(model, (), {"input_ids": batch()[:, :1], cache_key: cache,
                                        "cache_position": torch.tensor([11]), "attention_mask": torch.ones(3, 12)})
     assert torch.equal(step["cache_position"], torch.tensor([15])) and step["attention_mask"].shape == (3, 16)
+    assert step["input_ids"].shape == (3, 1) and step.get("inputs_embeds") is None
     assert delta.num_trainable() == 4 * 32
 
 
