@@ -4,6 +4,8 @@ One (model, row, library) configuration per process, so peak RSS is that configu
     python bench/speed.py run --model minilm --row lora_qv --lib deltatune      # one JSON line
     python bench/speed.py all --out bench/results/speed.jsonl                   # every row, fresh processes
     python bench/speed.py infer-all --out bench/results/infer.jsonl             # paired inference latency
+    python bench/speed.py pair --rows lora_all:deltatune,lora_all:peft --out bench/results/pair.jsonl
+                                                # train steps in rounds with the backprop floor: × floor
 Fixed seeds, 2 threads, warm-up steps excluded, median and spread (IQR) of the measured steps.
 """
 
@@ -145,11 +147,11 @@ def spread(xs: list[float]) -> dict:
     return {"median_ms": 1000 * statistics.median(xs), "iqr_ms": 1000 * (q[2] - q[0]), "n": len(xs)}
 
 
-def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dict:
-    torch.set_num_threads(2)
+def prepared(model_name: str, row: str, lib: str):
+    """(model, net, save, merge, batch, trainable) for one configuration: the delta attached, gradient
+    checkpointing or torch.compile applied as the row says."""
     torch.manual_seed(0)
     model = build_model(model_name)
-    batch_size, length = MODELS[model_name]
     apply = {"deltatune": apply_deltatune, "peft": apply_peft, "none": apply_plain}[lib]
     model, save, merge = apply(model, row)
     if row.endswith("gradckpt"):
@@ -157,20 +159,32 @@ def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dic
         if lib == "peft":
             model.enable_input_require_grads()
     net = torch.compile(model) if row.endswith("compiled") else model
-    batch = make_batch(model, batch_size, length)
+    batch = make_batch(model, *MODELS[model_name])
+    return model, net, save, merge, batch, [p for p in model.parameters() if p.requires_grad]
+
+
+def train_step(net, batch: dict, trainable: list):
+    """One optimiser step (AdamW) on ``batch``, as a closure."""
+    opt = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    net.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        net(**batch).loss.backward()
+        opt.step()
+
+    return step
+
+
+def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dict:
+    torch.set_num_threads(2)
+    model, net, save, merge, batch, trainable = prepared(model_name, row, lib)
+    batch_size, length = MODELS[model_name]
     result = {"model": model_name, "row": row, "lib": lib, "batch": batch_size, "length": length}
-    trainable = [p for p in model.parameters() if p.requires_grad]
     result["trainable"] = sum(p.numel() for p in trainable)
     result["total"] = sum(p.numel() for p in model.parameters())
     if row != "base_inference":
-        opt = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
-        net.train()
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            net(**batch).loss.backward()
-            opt.step()
-
+        step = train_step(net, batch, trainable)
         result["train"] = spread(timed(step, steps, warmup))
         result["tokens_per_s"] = batch_size * length / (result["train"]["median_ms"] / 1000)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -191,6 +205,44 @@ def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dic
             save(tmp)
             result["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
     return result
+
+
+def run_paired(model_name: str, configs: list[tuple[str, str]], rounds: int) -> dict:
+    """Train-step time as a ratio to the backprop floor, all in one process: each round times one step of the
+    floor and then one of each configuration, so machine drift (other tenants: up to 1.4x within a day here)
+    cancels in the per-round ratios. Medians and quartiles of those ratios. Not for memory (shared process)."""
+    torch.set_num_threads(2)
+    steps = {("backprop_floor", "none"): None, **{c: None for c in configs}}
+    for row, lib in steps:
+        _, net, _, _, batch, trainable = prepared(model_name, row, lib)
+        steps[(row, lib)] = train_step(net, batch, trainable)
+    times: dict[tuple[str, str], list[float]] = {c: [] for c in steps}
+    for i in range(rounds + 2):  # the first two rounds warm up
+        for config, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= 2:
+                times[config].append(time.perf_counter() - t0)
+    floor = times[("backprop_floor", "none")]
+    result = {"model": model_name, "rounds": rounds, "floor_ms": 1000 * statistics.median(floor), "rows": []}
+    for (row, lib), ts in times.items():
+        ratios = [t / f for t, f in zip(ts, floor, strict=True)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        result["rows"].append({"row": row, "lib": lib, "ms": 1000 * statistics.median(ts),
+                               "x_floor": statistics.median(ratios), "x_floor_q1": q1, "x_floor_q3": q3})
+    return result
+
+
+def pair_table(path: Path) -> str:
+    """Markdown rows from every ``pair`` result in ``path``, one run after another."""
+    out = ["| run | model | rounds | floor ms | row | lib | ms | × floor (median) | quartiles |", "|" + "---|" * 9]
+    for n, run in enumerate(map(json.loads, path.read_text().splitlines()), 1):
+        for r in run["rows"]:
+            if r["row"] != "backprop_floor":
+                quartiles = f"{r['x_floor_q1']:.3f}–{r['x_floor_q3']:.3f}"
+                out.append(f"| {n} | {run['model']} | {run['rounds']} | {run['floor_ms']:.0f} | {r['row']} | "
+                           f"{r['lib']} | {r['ms']:.0f} | {r['x_floor']:.3f} | {quartiles} |")
+    return "\n".join(out)
 
 
 INFER_ROWS = ["lora_qv", "lora_all", "dora", "ia3", "prefix", "prompt", "adapter_houlsby"]
@@ -317,8 +369,10 @@ def table(path: Path, model: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["run", "all", "table", "infer", "infer-all", "infer-table"],
-                        help="infer*: paired inference latency vs the bare model (--steps rounds, default 10)")
+    parser.add_argument("what", choices=["run", "all", "table", "infer", "infer-all", "infer-table", "pair",
+                                         "pair-table"],
+                        help="infer*: paired inference latency vs the bare model (--steps rounds, default 10); "
+                             "pair: train steps of --rows (row:lib,...) in rounds with the backprop floor")
     parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
     parser.add_argument("--models", default="minilm,llama110m,smollm2")
     parser.add_argument("--row", default="lora_qv", choices=sorted(ROWS))
@@ -338,6 +392,14 @@ def main() -> None:
         infer_all(args.out, args.model, args.steps, args.rows.split(",") if args.rows else None)
     elif args.what == "infer-table":
         print(infer_table(args.out, args.model))
+    elif args.what == "pair":
+        configs = [tuple(item.split(":")) for item in (args.rows or "lora_all:deltatune,lora_all:peft").split(",")]
+        line = json.dumps(run_paired(args.model, configs, args.steps))
+        print(line)
+        with open(args.out, "a") as sink:
+            sink.write(line + "\n")
+    elif args.what == "pair-table":
+        print(pair_table(args.out))
     else:
         run_all(args.out, args.models.split(","), args.steps, args.warmup, args.rows.split(",") if args.rows else None)
 

@@ -4,8 +4,10 @@ A mergeable delta on a Linear/Conv1D can run two ways at inference: as written (
 own activation-sized work: read the input again, rewrite the output) or as one product with the changed
 weight W' built for the call (weight-sized work). Over N tokens the first touches about N (in + out) extra
 values, the second in x out, so folding wins once N (in + out) > in x out (past ~190 tokens for a 384 x 384
-layer); decoding a few tokens at a time keeps the written path. Only without autograd: with it, a weight-sized
-gradient would be computed for W'. Used by LoRA and IA3 (``merges_pay``, ``linear_forward``).
+layer); decoding a few tokens at a time keeps the written path. ``merges_pay`` adds "no autograd": with it,
+a weight-sized gradient would be computed for W'. LoRA's training Function uses the bare cost rule
+(``folding_pays``) for its output and input gradient, whose products need no gradient of their own.
+Used by LoRA and IA3 (``merges_pay``, ``folding_pays``, ``linear_forward``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from .structure import features
 
 def merges_pay(x: torch.Tensor, layer: nn.Module) -> bool:
     """Whether folding the delta into ``layer``'s weight for this call is cheaper (and allowed: no autograd)."""
-    if torch.is_grad_enabled():
-        return False
+    return not torch.is_grad_enabled() and folding_pays(x, layer)
+
+
+def folding_pays(x: torch.Tensor, layer: nn.Module) -> bool:
+    """The cost rule alone: N (in + out) > in x out for the N tokens of ``x``."""
     fan_in, fan_out = features(layer)
     return (x.numel() // fan_in) * (fan_in + fan_out) > fan_in * fan_out
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..auto.budget import RankAllocator, RankBudget
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
-from ..core.merge_on_the_fly import linear_forward, merges_pay
+from ..core.merge_on_the_fly import folding_pays, linear_forward, merges_pay
 from ..core.recipe import Recipe
 from ..core.targets import Targets, find_targets, linear_types
 from .registry import register
@@ -107,7 +107,9 @@ class LoRALinear(DeltaWrapper):
             if merges_pay(x, layer) and not self._dropout_on():  # core/merge_on_the_fly.py: why and when
                 return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
             weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
-            return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale)
+            x_drop = self.drop(x)
+            fold = x_drop is x and folding_pays(x, layer)
+            return FusedLoRALinear.apply(x, x_drop, weight_t, layer.bias, self.lora_A, self.lora_B, self.scale, fold)
         out = self.base(x)
         if not self.uses_delta:
             return out
@@ -152,39 +154,72 @@ class FusedLoRALinear(torch.autograd.Function):
 
     Why: autograd would run the base layer and the LoRA path as separate graphs: backward then makes a
     second full-size input gradient and adds the two, and an in-place add into a view of the output
-    costs a full copy. Here the output is one buffer (``addmm`` then ``addmm_``), and the input gradient
-    is ``g W`` with ``s (g B) A`` accumulated into it in place. Saves the LoRA input (for dA) and the
-    rank-r activation h (for dB), as autograd would. ``x_d`` is ``x`` itself unless dropout is on.
+    costs a full copy. Here the output is one buffer and the input gradient one product. With ``fold``
+    (no dropout, and enough tokens that a weight-sized sum is cheaper than an activation-sized one:
+    ``core.merge_on_the_fly.folding_pays``) both use W' = W + s B A, built per call and never stored:
+    y = x W'^T + b and dL/dx = g W'. Otherwise the LoRA term is accumulated in place (``addmm_``).
+    Saves the LoRA input (for dA) and the rank-r activation h (for dB), as autograd would. ``x_d`` is
+    ``x`` itself unless dropout is on.
     """
 
     @staticmethod
-    def forward(ctx, x, x_drop, weight_t, bias, lora_a, lora_b, scale):
+    def forward(ctx, x, x_drop, weight_t, bias, lora_a, lora_b, scale, fold):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         flat_drop = flat if x_drop is x else x_drop.reshape(-1, shape[-1])
         hidden = flat_drop @ lora_a.T
-        out = torch.addmm(bias, flat, weight_t) if bias is not None else flat @ weight_t
-        out.addmm_(hidden, lora_b.T, alpha=scale)
+        weight_used = folded(weight_t, lora_a, lora_b, scale) if fold else weight_t
+        out = torch.addmm(bias, flat, weight_used) if bias is not None else flat @ weight_used
+        if not fold:
+            out.addmm_(hidden, lora_b.T, alpha=scale)
         ctx.save_for_backward(flat_drop, hidden, weight_t, lora_a, lora_b)
-        ctx.scale, ctx.shape, ctx.same = scale, shape, x_drop is x
+        ctx.scale, ctx.shape, ctx.same, ctx.fold = scale, shape, x_drop is x, fold
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         flat_drop, hidden, weight_t, lora_a, lora_b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        g_hidden = (g @ lora_b).mul_(ctx.scale)          # dL/dh, (N, r)
-        grad_a = g_hidden.T @ flat_drop if ctx.needs_input_grad[4] else None
-        grad_b = (g.T @ hidden).mul_(ctx.scale) if ctx.needs_input_grad[5] else None
+        # Operand layouts matter on CPU: (N, out) @ (out, r) runs ~2x faster with the small right operand
+        # column-major, and dB as (h^T g)^T 5-6x faster than g^T h (oneDNN, 2 threads, N = 4096;
+        # BENCHMARKS.md "Where LoRA's training time goes"). The copies are r x out.
+        g_hidden = (g @ lora_b.T.contiguous().T).mul_(ctx.scale)          # dL/dh, (N, r)
+        grad_a = over_tokens(g_hidden, flat_drop) if ctx.needs_input_grad[4] else None
+        grad_b = over_tokens(hidden, g).mul_(ctx.scale).T.contiguous() if ctx.needs_input_grad[5] else None
         grad_x = grad_drop = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight_t.T
-            if ctx.same:
-                grad_x.addmm_(g_hidden, lora_a)
+            if ctx.fold:
+                grad_x = g @ folded(weight_t, lora_a, lora_b, ctx.scale).T
+            else:
+                grad_x = g @ weight_t.T
+                if ctx.same:
+                    grad_x.addmm_(g_hidden, lora_a)
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[1] and not ctx.same:
             grad_drop = (g_hidden @ lora_a).view(ctx.shape)
-        return grad_x, grad_drop, None, None, grad_a, grad_b, None
+        return grad_x, grad_drop, None, None, grad_a, grad_b, None, None
+
+
+def over_tokens(a: torch.Tensor, b: torch.Tensor, parts: int = 4) -> torch.Tensor:
+    """a^T b for a (N, r) and b (N, d): a weight gradient, summed over the N tokens.
+
+    Why in ``parts``: with r small, one (r, N) @ (N, d) product parallelises poorly on CPU; four batched
+    products over N/4 tokens each, then a sum, ran 1.5x faster inside a training step (N = 4096)."""
+    n = a.shape[0]
+    chunk = n // parts
+    if chunk < 256:
+        return a.T @ b
+    even = chunk * parts
+    out = torch.bmm(a[:even].reshape(parts, chunk, -1).transpose(1, 2), b[:even].reshape(parts, chunk, -1)).sum(0)
+    if even < n:
+        out.addmm_(a[even:].T, b[even:])
+    return out
+
+
+def folded(weight_t: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W'^T = W^T + s (B A)^T, in ``weight_t``'s memory layout (products run at the base layer's speed)."""
+    out = torch.empty_strided(weight_t.shape, weight_t.stride(), dtype=weight_t.dtype, device=weight_t.device)
+    return torch.add(weight_t, (lora_b @ lora_a).T, alpha=scale, out=out)
 
 
 class LoRAConv1D(LoRALinear):
