@@ -25,7 +25,11 @@ def merges_pay(x: torch.Tensor, layer: nn.Module) -> bool:
 
 
 def folding_pays(x: torch.Tensor, layer: nn.Module) -> bool:
-    """The cost rule alone: N (in + out) > in x out for the N tokens of ``x``."""
+    """The cost rule alone: N (in + out) > in x out for the N tokens of ``x``; and full-precision weights
+    only: in bf16 / fp16, W + delta rounds to W wherever the delta is under half a step of W (bf16 keeps
+    8 bits), so a young delta would vanish; the written path adds it to the output instead."""
+    if layer.weight.dtype not in (torch.float32, torch.float64):
+        return False
     fan_in, fan_out = features(layer)
     return (x.numel() // fan_in) * (fan_in + fan_out) > fan_in * fan_out
 

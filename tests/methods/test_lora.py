@@ -228,6 +228,27 @@ def test_fused_path_gradients_equal_autograd_on_the_formula(monkeypatch, layer_t
     assert layer.weight.grad is None  # the frozen weight got no gradient
 
 
+def test_half_precision_weights_keep_a_delta_smaller_than_their_rounding_step():
+    """bf16 W = 1 with a 1e-3 delta: W + sBA would round back to 1 and lose it; the written path keeps it
+    (inference and training, 40 tokens: folding would pay in fp32)."""
+    layer = nn.Linear(16, 12, bias=False).to(torch.bfloat16)
+    delta = dt.attach(nn.Sequential(layer), dt.LoRA(r=1, alpha=1, targets=["0"]))
+    model = delta.model
+    sign = torch.tensor([1.0, -1.0] * 8, dtype=torch.bfloat16)
+    w = delta.wrappers()[0]
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        w.lora_A.copy_(sign.unsqueeze(0))
+        w.lora_B.fill_(1e-3)
+    x = sign.expand(1, 40, 16).clone()  # W x = 0 exactly; the delta adds 16e-3 to every output
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out = model(x).float()
+        assert torch.allclose(out, torch.full_like(out, 0.016), atol=5e-4)
+    assert not dt.core.merge_on_the_fly.folding_pays(x, layer)
+    assert dt.core.merge_on_the_fly.folding_pays(x.float(), nn.Linear(16, 12))  # the same call in fp32 folds
+
+
 @pytest.mark.parametrize("tokens", [100, 1024, 1030])
 def test_weight_gradients_summed_over_tokens_in_parts(tokens):
     """over_tokens splits long token runs into batched parts (plus a remainder): same sum as a^T b."""
