@@ -212,8 +212,8 @@ def run_paired(model_name: str, configs: list[tuple[str, str]], rounds: int) -> 
     floor and then one of each configuration, so machine drift (other tenants: up to 1.4x within a day here)
     cancels in the per-round ratios. Medians and quartiles of those ratios. Not for memory (shared process)."""
     torch.set_num_threads(2)
-    steps = {("backprop_floor", "none"): None, **{c: None for c in configs}}
-    for row, lib in steps:
+    steps = {}
+    for row, lib in [("backprop_floor", "none"), *configs]:
         _, net, _, _, batch, trainable = prepared(model_name, row, lib)
         steps[(row, lib)] = train_step(net, batch, trainable)
     times: dict[tuple[str, str], list[float]] = {c: [] for c in steps}

@@ -19,7 +19,7 @@ from torch import nn
 from ..auto.budget import RankAllocator, RankBudget
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
-from ..core.merge_on_the_fly import folding_pays, linear_forward, merges_pay
+from ..core.merge_on_the_fly import folding_pays, linear_forward
 from ..core.recipe import Recipe
 from ..core.targets import Targets, find_targets, linear_types
 from .registry import register
@@ -104,12 +104,12 @@ class LoRALinear(DeltaWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_delta and self._may_fuse(x):
             layer = self.base
-            if merges_pay(x, layer) and not self._dropout_on():  # core/merge_on_the_fly.py: why and when
+            fold = folding_pays(x, layer) and not self._dropout_on()  # core/merge_on_the_fly.py: why and when
+            if fold and not torch.is_grad_enabled():
                 return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
             weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
-            x_drop = self.drop(x)
-            fold = x_drop is x and folding_pays(x, layer)
-            return FusedLoRALinear.apply(x, x_drop, weight_t, layer.bias, self.lora_A, self.lora_B, self.scale, fold)
+            return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale,
+                                         fold)
         out = self.base(x)
         if not self.uses_delta:
             return out
@@ -164,6 +164,7 @@ class FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_drop, weight_t, bias, lora_a, lora_b, scale, fold):
+        fold = fold and x_drop is x  # with dropout the LoRA term reads another input: it cannot be folded
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         flat_drop = flat if x_drop is x else x_drop.reshape(-1, shape[-1])
