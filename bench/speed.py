@@ -207,6 +207,19 @@ def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dic
     return result
 
 
+def in_rounds(fns: list, rounds: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds per call of each of ``fns``, called one after another in each round (``warmup`` rounds
+    first, not kept): ratios between them within a round cancel the machine's drift."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + rounds):
+        for fn, kept in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                kept.append(time.perf_counter() - t0)
+    return times
+
+
 def run_paired(model_name: str, configs: list[tuple[str, str]], rounds: int) -> dict:
     """Train-step time as a ratio to the backprop floor, all in one process: each round times one step of the
     floor and then one of each configuration, so machine drift (other tenants: up to 1.4x within a day here)
@@ -216,13 +229,7 @@ def run_paired(model_name: str, configs: list[tuple[str, str]], rounds: int) -> 
     for row, lib in [("backprop_floor", "none"), *configs]:
         _, net, _, _, batch, trainable = prepared(model_name, row, lib)
         steps[(row, lib)] = train_step(net, batch, trainable)
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in steps}
-    for i in range(rounds + 2):  # the first two rounds warm up
-        for config, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= 2:
-                times[config].append(time.perf_counter() - t0)
+    times = dict(zip(steps, in_rounds(list(steps.values()), rounds), strict=True))
     floor = times[("backprop_floor", "none")]
     result = {"model": model_name, "rounds": rounds, "floor_ms": 1000 * statistics.median(floor), "rows": []}
     for (row, lib), ts in times.items():
@@ -262,20 +269,15 @@ def run_inference(model_name: str, row: str, lib: str, reps: int) -> dict:
     model.eval()
     batch = {k: v for k, v in make_batch(base, *MODELS[model_name]).items() if k != "labels"}
 
+    def forward(net):
+        with torch.no_grad():
+            net(**batch)
+
     def paired(label: str) -> dict:
-        pairs = []
-        for i in range(reps + 2):  # the first two rounds warm up
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                base(**batch)
-                t1 = time.perf_counter()
-                model(**batch)
-                t2 = time.perf_counter()
-            if i >= 2:
-                pairs.append((t1 - t0, t2 - t1))
-        return {f"{label}_ms": 1000 * statistics.median(t for _, t in pairs),
-                f"{label}_base_ms": 1000 * statistics.median(b for b, _ in pairs),
-                f"{label}_ratio": statistics.median(t / b for b, t in pairs)}
+        base_times, times = in_rounds([lambda: forward(base), lambda: forward(model)], reps)
+        return {f"{label}_ms": 1000 * statistics.median(times),
+                f"{label}_base_ms": 1000 * statistics.median(base_times),
+                f"{label}_ratio": statistics.median(t / b for b, t in zip(base_times, times, strict=True))}
 
     result = {"model": model_name, "row": row, "lib": lib, "reps": reps, **paired("unmerged")}
     if merge is not None:
