@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from deltatune.train.loop import compiled_for_training
+
 MODELS = {  # name -> (batch, length)
     "minilm": (32, 128),
     "llama110m": (4, 256),
@@ -35,7 +37,8 @@ ROWS = {
     "lora_qv": ["deltatune", "peft"], "lora_all": ["deltatune", "peft"], "dora": ["deltatune", "peft"],
     "ia3": ["deltatune", "peft"], "prefix": ["deltatune", "peft"], "prompt": ["deltatune", "peft"],
     "adapter_houlsby": ["deltatune"], "adapter_parallel": ["deltatune"], "bitfit": ["deltatune"],
-    "lora_qv_compiled": ["deltatune", "peft"], "lora_all_gradckpt": ["deltatune", "peft"],
+    "lora_qv_compiled": ["deltatune", "peft"], "lora_all_compiled": ["deltatune", "peft"],
+    "lora_all_gradckpt": ["deltatune", "peft"],
 }
 # the decoder takes ~10x longer per step on 2 cores: the rows that answer its questions (LoRA cost against the
 # floor and PEFT, with and without gradient checkpointing)
@@ -78,6 +81,7 @@ def apply_deltatune(model, row: str):
     configs = {
         "lora_qv": dt.LoRA(r=8, alpha=16, targets=qv_names(model)),
         "lora_qv_compiled": dt.LoRA(r=8, alpha=16, targets=qv_names(model)),
+        "lora_all_compiled": dt.LoRA(r=8, alpha=16, targets="all-linear"),
         "lora_all": dt.LoRA(r=8, alpha=16, targets="all-linear"),
         "lora_all_gradckpt": dt.LoRA(r=8, alpha=16, targets="all-linear"),
         "dora": dt.LoRA(r=8, alpha=16, targets=qv_names(model), dora=True),
@@ -96,7 +100,7 @@ def apply_peft(model, row: str):
     import peft
 
     task = "SEQ_CLS" if is_encoder(model) else "CAUSAL_LM"
-    if row in ("lora_qv", "lora_all", "dora", "lora_all_gradckpt", "lora_qv_compiled"):
+    if row in ("lora_qv", "lora_all", "dora", "lora_all_gradckpt", "lora_qv_compiled", "lora_all_compiled"):
         targets = "all-linear" if row.startswith("lora_all") else qv_names(model)
         cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task, use_dora=row == "dora")
     elif row == "ia3":
@@ -158,7 +162,8 @@ def prepared(model_name: str, row: str, lib: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lib == "peft":
             model.enable_input_require_grads()
-    net = torch.compile(model) if row.endswith("compiled") else model
+    # both libraries compiled alike: deltatune's `train.compile` settings (dynamic shapes; on CPU, aten's dropout RNG)
+    net = compiled_for_training(model, torch.device("cpu")) if row.endswith("compiled") else model
     batch = make_batch(model, *MODELS[model_name])
     return model, net, save, merge, batch, [p for p in model.parameters() if p.requires_grad]
 
@@ -236,7 +241,8 @@ def run_paired(model_name: str, configs: list[tuple[str, str]], rounds: int) -> 
         ratios = [t / f for t, f in zip(ts, floor, strict=True)]
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         result["rows"].append({"row": row, "lib": lib, "ms": 1000 * statistics.median(ts),
-                               "x_floor": statistics.median(ratios), "x_floor_q1": q1, "x_floor_q3": q3})
+                               "x_floor": statistics.median(ratios), "x_floor_q1": q1, "x_floor_q3": q3,
+                               "ms_each": [round(1000 * t) for t in ts]})  # per round: paired ratios between rows
     return result
 
 

@@ -240,10 +240,14 @@ def _logical_parent(model: nn.Module, parent_path: str) -> nn.Module:
 
 
 def wrap_module(model: nn.Module, path: str, make: Callable[[nn.Module], DeltaWrapper]) -> DeltaWrapper:
-    """Replace the module at ``path`` (which may already be a wrapper) by ``make(module)``."""
+    """Replace the module at ``path`` (which may already be a wrapper) by ``make(module)``, in the module's
+    train/eval mode (a new module starts in training mode: attached to a model in eval mode, its dropout
+    would be on)."""
     parent_path, leaf = _split(path)
     parent = _logical_parent(model, parent_path)
-    wrapper = make(getattr(parent, leaf))
+    original = getattr(parent, leaf)
+    wrapper = make(original)
+    wrapper.train(original.training)
     setattr(parent, leaf, wrapper)
     return wrapper
 
@@ -254,6 +258,7 @@ def add_module(model: nn.Module, path: str, module: DeltaModule) -> None:
     parent = _logical_parent(model, parent_path)
     if hasattr(parent, leaf):
         raise ValueError(f"internal: {path} already exists")
+    module.train(parent.training)  # as the model around it (see wrap_module)
     parent.add_module(leaf, module)
 
 

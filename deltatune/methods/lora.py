@@ -108,8 +108,8 @@ class LoRALinear(DeltaWrapper):
             if fold and not torch.is_grad_enabled():
                 return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
             weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
-            return FusedLoRALinear.apply(x, self.drop(x), weight_t, layer.bias, self.lora_A, self.lora_B, self.scale,
-                                         fold)
+            x_drop = self.drop(x) if self._dropout_on() else None
+            return FusedLoRALinear.apply(x, x_drop, weight_t, layer.bias, self.lora_A, self.lora_B, self.scale, fold)
         out = self.base(x)
         if not self.uses_delta:
             return out
@@ -158,23 +158,24 @@ class FusedLoRALinear(torch.autograd.Function):
     (no dropout, and enough tokens that a weight-sized sum is cheaper than an activation-sized one:
     ``core.merge_on_the_fly.folding_pays``) both use W' = W + s B A, built per call and never stored:
     y = x W'^T + b and dL/dx = g W'. Otherwise the LoRA term is accumulated in place (``addmm_``).
-    Saves the LoRA input (for dA) and the rank-r activation h (for dB), as autograd would. ``x_d`` is
-    ``x`` itself unless dropout is on.
+    Saves the LoRA input (for dA) and the rank-r activation h (for dB), as autograd would. ``x_drop`` is
+    ``x_d``, or None when it is ``x`` itself (no dropout; torch.compile cannot trace one tensor passed twice).
     """
 
     @staticmethod
     def forward(ctx, x, x_drop, weight_t, bias, lora_a, lora_b, scale, fold):
-        fold = fold and x_drop is x  # with dropout the LoRA term reads another input: it cannot be folded
+        same = x_drop is None
+        fold = fold and same  # with dropout the LoRA term reads another input: it cannot be folded
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        flat_drop = flat if x_drop is x else x_drop.reshape(-1, shape[-1])
+        flat_drop = flat if same else x_drop.reshape(-1, shape[-1])
         hidden = flat_drop @ lora_a.T
         weight_used = folded(weight_t, lora_a, lora_b, scale) if fold else weight_t
         out = torch.addmm(bias, flat, weight_used) if bias is not None else flat @ weight_used
         if not fold:
             out.addmm_(hidden, lora_b.T, alpha=scale)
         ctx.save_for_backward(flat_drop, hidden, weight_t, lora_a, lora_b)
-        ctx.scale, ctx.shape, ctx.same, ctx.fold = scale, shape, x_drop is x, fold
+        ctx.scale, ctx.shape, ctx.same, ctx.fold = scale, shape, same, fold
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -219,8 +220,10 @@ def over_tokens(a: torch.Tensor, b: torch.Tensor, parts: int = 4) -> torch.Tenso
 
 def folded(weight_t: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """W'^T = W^T + s (B A)^T, in ``weight_t``'s memory layout (products run at the base layer's speed)."""
-    out = torch.empty_strided(weight_t.shape, weight_t.stride(), dtype=weight_t.dtype, device=weight_t.device)
-    return torch.add(weight_t, (lora_b @ lora_a).T, alpha=scale, out=out)
+    # (B A)^T is column-major, A^T B^T row-major: pick the one laid out like weight_t, and the sum keeps that
+    # layout (no `out=` into a strided buffer: torch.compile cannot trace it)
+    delta_t = (lora_b @ lora_a).T if weight_t.stride(0) == 1 else lora_a.T @ lora_b.T
+    return torch.add(weight_t, delta_t, alpha=scale)
 
 
 class LoRAConv1D(LoRALinear):

@@ -93,6 +93,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
+def compiled_for_training(model: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile`` with dynamic shapes (length-grouped batches vary in length: no recompile per length).
+    On CPU, dropout masks come from aten's generator (inductor's ``fallback_random``): inductor's own CPU
+    random kernels made the attention-dropout kernel ~3x slower than eager's (BENCHMARKS.md, "Compiled")."""
+    return torch.compile(model, dynamic=True, options={"fallback_random": device.type == "cpu"})
+
+
 def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info: distributed.Dist,
              dtype: torch.dtype | None = None, forward_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
     """``eval_*`` metrics of ``model`` on ``data``; every process evaluates a share, results are gathered."""
@@ -172,7 +179,7 @@ class Loop:
         self.s, self.t = session, session.cfg.train
         self.model, self.dist = session.model, session.dist
         # the compiled module shares parameters with the model: saving and evaluation use the model itself
-        self.forward = torch.compile(self.model, dynamic=True) if self.t.compile else self.model
+        self.forward = compiled_for_training(self.model, self.dist.device) if self.t.compile else self.model
         self.params = list(session.delta.parameters().values())
         self.lengths = session.train_set.lengths()
         self.optimizer = build_optimizer(session.delta, self.t)

@@ -157,3 +157,19 @@ def test_works_on_plain_torch_modules_too():
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
     delta = dt.attach(model, dt.LoRA(r=2, targets="all-linear"))
     assert delta.num_trainable() == (2 * 4 + 8 * 2) + (2 * 8 + 2 * 2)  # A: r x in, B: out x r per layer
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_modules_take_the_models_train_or_eval_mode(training):
+    """A fresh nn.Module starts in training mode: attached to a model in eval mode, a LoRA or adapter
+    dropout would silently be on (and outputs random)."""
+    model = BUILDERS["bert"]().train(training)
+    deltas = [dt.attach(model, cfg, name=name) for name, cfg in {
+        "lora": dt.LoRA(r=4, targets="all-linear", dropout=0.5),
+        "adapter": dt.Adapter(bottleneck=4),
+        "prefix": dt.PrefixTuning(num_tokens=3)}.items()]
+    assert all(m.training == training for m in model.modules())
+    if not training:
+        for delta in deltas:
+            perturb(delta)
+        assert torch.equal(logits(model), logits(model))  # no dropout drawn
