@@ -38,7 +38,7 @@ ROWS = {
     "ia3": ["deltatune", "peft"], "prefix": ["deltatune", "peft"], "prompt": ["deltatune", "peft"],
     "adapter_houlsby": ["deltatune"], "adapter_parallel": ["deltatune"], "bitfit": ["deltatune"],
     "lora_qv_compiled": ["deltatune", "peft"], "lora_all_compiled": ["deltatune", "peft"],
-    "lora_all_gradckpt": ["deltatune", "peft"],
+    "lora_all_gradckpt": ["deltatune", "peft"], "dora_all": ["deltatune", "peft"],
 }
 # the decoder takes ~10x longer per step on 2 cores: the rows that answer its questions (LoRA cost against the
 # floor and PEFT, with and without gradient checkpointing)
@@ -85,6 +85,7 @@ def apply_deltatune(model, row: str):
         "lora_all": dt.LoRA(r=8, alpha=16, targets="all-linear"),
         "lora_all_gradckpt": dt.LoRA(r=8, alpha=16, targets="all-linear"),
         "dora": dt.LoRA(r=8, alpha=16, targets=qv_names(model), dora=True),
+        "dora_all": dt.LoRA(r=8, alpha=16, targets="all-linear", dora=True),
         "ia3": dt.IA3(),
         "prefix": dt.PrefixTuning(num_tokens=20, reparam_hidden=None),
         "prompt": dt.PromptTuning(num_tokens=20),
@@ -100,9 +101,10 @@ def apply_peft(model, row: str):
     import peft
 
     task = "SEQ_CLS" if is_encoder(model) else "CAUSAL_LM"
-    if row in ("lora_qv", "lora_all", "dora", "lora_all_gradckpt", "lora_qv_compiled", "lora_all_compiled"):
-        targets = "all-linear" if row.startswith("lora_all") else qv_names(model)
-        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task, use_dora=row == "dora")
+    if row in ("lora_qv", "lora_all", "dora", "dora_all", "lora_all_gradckpt", "lora_qv_compiled", "lora_all_compiled"):
+        targets = "all-linear" if "_all" in row else qv_names(model)
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task,
+                              use_dora=row.startswith("dora"))
     elif row == "ia3":
         names = (["key", "value", "output.dense"], ["output.dense"]) if is_encoder(model) else (
             ["k_proj", "v_proj", "down_proj"], ["down_proj"])

@@ -6,7 +6,8 @@ pass is PEFT's (peft/tuners/lora/dora.py), so adapters move both ways without ch
 
     y = W x + b + (m / n - 1) * W x + (m / n) * s * B A x,    n = ||W + s B A||, detached
 
-(computed as W x + b + (m / n) (W x + s B A x) - W x, which keeps one activation for backward, not two).
+(computed as W x + b + (m / n) (W x + s B A x) - W x, which keeps one activation for backward, not two;
+on a plain frozen layer without dropout as b + (m / n) (x W'^T), W' = W + s B A, through LoRA's fused product).
 
 Detaching n from the graph is the paper's sec. 4.3 ("treat ||V + dV||_c as a constant"): m and the LoRA
 factors still get gradients, at LoRA's memory cost. With dropout active (training, p > 0) both W x and
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.inject import DeltaWrapper
+from ..core.merge_on_the_fly import folding_pays, linear_forward
 from ..core.targets import linear_types
 from .lora import LoRA, LoRAConv1D, LoRAEmbedding, LoRALinear
 
@@ -50,15 +52,18 @@ class DoRALinear(LoRALinear):
         weight, lora = self._weight().detach(), self._lora_weight().detach()
         if self.merged:
             weight = weight / self._merge_factor.view(-1, 1) - lora
-        combined = weight + lora
-        norm = torch.linalg.norm(combined, dim=1, keepdim=True)
-        return self.magnitude.detach().view(-1, 1) * combined / norm - weight
+        factor = self.magnitude.detach().view(-1, 1) / torch.linalg.norm(weight + lora, dim=1, keepdim=True)
+        # (m/n - 1) W + (m/n) s B A, not m/n (W + s B A) - W: exactly 0 at attach (m/n == 1, B == 0), and no
+        # cancellation between two weight-sized terms while m/n is near 1
+        return (factor - 1) * weight + factor * lora
 
     def delta_weight(self) -> torch.Tensor:
         """The additive change W' - W this DoRA makes (not s B A): what weight arithmetic must see."""
         return self._dora_change()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_delta and self._may_fuse(x) and not self._dropout_on():
+            return self._fused_forward(x)
         out = self.base(x)
         if not self.uses_delta:
             return out
@@ -74,6 +79,19 @@ class DoRALinear(LoRALinear):
         # activation-sized tensor for backward (the sum) instead of two (W x and B A x)
         combined = wx + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
         return out + self.scaled(factor * combined - wx)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function, for a plain frozen layer and no dropout: y = b + (m / n) * (x W'^T), W' = W + s B A,
+        with x W'^T from LoRA's fused product (one product with W' where folding pays, LoRA's fast gradient
+        layouts) and one multiply-add on the output, where the general path in ``forward`` makes five passes
+        over the output (measured: BENCHMARKS.md, "DoRA")."""
+        layer = self.base
+        fold = folding_pays(x, layer)
+        if fold and not torch.is_grad_enabled():  # inference: one product with the DoRA weight
+            return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
+        factor = self.magnitude / self._norm(self._lora_weight().detach()).detach()
+        directed = self._fused(x, None, None, fold)
+        return directed * factor if layer.bias is None else torch.addcmul(layer.bias, directed, factor)
 
     @torch.no_grad()
     def merge(self) -> None:

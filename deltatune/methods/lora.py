@@ -107,9 +107,7 @@ class LoRALinear(DeltaWrapper):
             fold = folding_pays(x, layer) and not self._dropout_on()  # core/merge_on_the_fly.py: why and when
             if fold and not torch.is_grad_enabled():
                 return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
-            weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
-            x_drop = self.drop(x) if self._dropout_on() else None
-            return FusedLoRALinear.apply(x, x_drop, weight_t, layer.bias, self.lora_A, self.lora_B, self.scale, fold)
+            return self._fused(x, self.drop(x) if self._dropout_on() else None, layer.bias, fold)
         out = self.base(x)
         if not self.uses_delta:
             return out
@@ -140,6 +138,13 @@ class LoRALinear(DeltaWrapper):
         frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
         return (frozen and not torch.is_autocast_enabled(x.device.type)
                 and x.dtype == layer.weight.dtype == self.lora_A.dtype == self.lora_B.dtype)
+
+    def _fused(self, x: torch.Tensor, x_drop: torch.Tensor | None, bias: torch.Tensor | None,
+               fold: bool) -> torch.Tensor:
+        """``FusedLoRALinear`` on this (plain, frozen) layer: x W^T + bias + s (x_drop A^T) B^T."""
+        layer = self.base
+        weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
+        return FusedLoRALinear.apply(x, x_drop, weight_t, bias, self.lora_A, self.lora_B, self.scale, fold)
 
     def _dropout_on(self) -> bool:
         return self.training and not isinstance(self.drop, nn.Identity)

@@ -62,6 +62,46 @@ def test_norm_is_detached_as_in_the_paper_and_peft():
     assert all(torch.allclose(g, p.grad, atol=1e-5) for g, p in zip(ours, params, strict=True))
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Linear(6, 5, bias=False), Conv1D(5, 6)])
+@pytest.mark.parametrize("tokens", [2, 8])
+def test_fused_path_equals_the_formula_with_gradients(monkeypatch, layer, tokens):
+    """The plain-layer path (LoRA's fused product, then m/n * . + b): outputs and the gradients of A, B, m and
+    x as autograd gives them on the formula; 8 tokens take the folded products (8 x 11 > 6 x 5), 2 do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer)
+    delta = dt.attach(model, dt.LoRA(r=2, alpha=4, targets=["0"], dora=True), train_modules=None)
+    randomize(delta)
+    calls = []
+    fused = dt.methods.lora.FusedLoRALinear.apply
+    monkeypatch.setattr(dt.methods.lora.FusedLoRALinear, "apply", lambda *a: calls.append(a[-1]) or fused(*a))
+    wrapper, x = model[0], torch.randn(tokens, 6, requires_grad=True)
+    model(x).pow(2).sum().backward()
+    assert calls == [tokens == 8]  # the fused Function ran, folding only for 8 tokens
+    ours = [p.grad.clone() for p in (wrapper.lora_A, wrapper.lora_B, wrapper.magnitude, x)]
+    a, b, m, x2 = [p.detach().clone().requires_grad_(True) for p in (wrapper.lora_A, wrapper.lora_B,
+                                                                      wrapper.magnitude, x)]
+    w = layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+    combined = w + wrapper.scale * b @ a
+    weight = m.view(-1, 1) * combined / combined.norm(dim=1, keepdim=True).detach()
+    expected = F.linear(x2, weight, layer.bias)
+    expected.pow(2).sum().backward()
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-5) for g, p in zip(ours, (a, b, m, x2), strict=True))
+    with torch.no_grad():  # inference: one product with the DoRA weight where folding pays
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_identity_at_attach_on_every_path(arch):
+    """Bitwise the base model at attach, with and without autograd, on enough tokens to fold (m/n is exactly 1
+    and B zero: the DoRA change is computed as (m/n - 1) W + (m/n) s B A, exactly 0, not m/n (W + sBA) - W)."""
+    model = BUILDERS[arch]().eval()
+    ids = batch(size=4, length=30)
+    before = logits(model, ids)
+    dt.attach(model, dt.LoRA(r=4, targets="all-linear", dora=True))
+    assert torch.equal(logits(model, ids), before)
+    assert torch.equal(model(input_ids=ids).logits, before)  # autograd on: the training path
+
+
 def test_embedding_dora_matches_formula_and_merges():
     emb = nn.Embedding(20, 6, padding_idx=0)
     model = nn.Sequential(emb)
