@@ -92,7 +92,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-@torch.no_grad()
 def compiled_for_training(model: nn.Module, device: torch.device) -> nn.Module:
     """``torch.compile`` with dynamic shapes (length-grouped batches vary in length: no recompile per length).
     On CPU, dropout masks come from aten's generator (inductor's ``fallback_random``): inductor's own CPU
@@ -100,6 +99,7 @@ def compiled_for_training(model: nn.Module, device: torch.device) -> nn.Module:
     return torch.compile(model, dynamic=True, options={"fallback_random": device.type == "cpu"})
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info: distributed.Dist,
              dtype: torch.dtype | None = None, forward_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
     """``eval_*`` metrics of ``model`` on ``data``; every process evaluates a share, results are gathered."""

@@ -11,18 +11,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 import deltatune as dt
 from deltatune.core.errors import CheckpointNotFoundError, ConfigError
-from deltatune.train import jobs
+from deltatune.train import distributed, jobs
+from deltatune.train.batches import Encoded
 from deltatune.train.config import load_config
-from deltatune.train.loop import Loop, MetricsLog, TrainingDivergedError, lr_factor
+from deltatune.train.loop import Loop, MetricsLog, TrainingDivergedError, evaluate, lr_factor
 from tests.train.conftest import base_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -233,3 +237,24 @@ def test_full_fine_tuning_through_a_whole_backbone_copy(tmp_path, tiny_bert_nodr
     loaded = dt.load(base, Path(cfg.output_dir) / "last")
     assert torch.equal(base.get_input_embeddings().weight, embedding)
     loaded.detach()
+
+
+def test_evaluation_runs_without_autograd_and_restores_the_mode():
+    """No autograd graph in evaluation: no activation memory, and LoRA takes its inference paths."""
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.seen = nn.Linear(1, 2), []
+
+        def forward(self, input_ids, labels, **_):
+            self.seen.append((torch.is_grad_enabled(), self.training))
+            logits = self.head(input_ids[:, :1].float())
+            return SimpleNamespace(loss=F.cross_entropy(logits, labels), logits=logits)
+
+    data = Encoded(input_ids=torch.arange(3, 9), offsets=torch.tensor([0, 2, 4, 6]), labels=torch.tensor([0, 1, 0]),
+                   label_names=["a", "b"])
+    model = Recorder().train()
+    metrics = evaluate(model, data, pad_id=0, batch_size=2, info=distributed.Dist())
+    assert model.seen and all(seen == (False, False) for seen in model.seen)
+    assert model.training and 0 <= metrics["eval_accuracy"] <= 1
