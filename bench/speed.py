@@ -101,7 +101,7 @@ def apply_peft(model, row: str):
     import peft
 
     task = "SEQ_CLS" if is_encoder(model) else "CAUSAL_LM"
-    if row in ("lora_qv", "lora_all", "dora", "dora_all", "lora_all_gradckpt", "lora_qv_compiled", "lora_all_compiled"):
+    if row.startswith(("lora", "dora")):  # every LoRA / DoRA row; "_all" in the name: all-linear targets
         targets = "all-linear" if "_all" in row else qv_names(model)
         cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task,
                               use_dora=row.startswith("dora"))
