@@ -43,6 +43,7 @@ bench: install  ## speed / memory / latency vs PEFT, one configuration per proce
 	$(PY) bench/speed.py pair --rows lora_qv:deltatune,lora_qv:peft,lora_all:deltatune,lora_all:peft --steps 20 --out bench/results/pair.jsonl
 	$(PY) bench/speed.py pair-table --out bench/results/pair.jsonl
 	$(PY) bench/peft_trainer.py e2e --out bench/results/e2e.jsonl
+	$(PY) bench/gemm_rate.py
 
 bench-quality: install  ## accuracy of every method (and PEFT's LoRA) on SST-2, MRPC, CoLA, MR; table + PNG (~1 h)
 	$(PY) bench/quality.py sweep --tasks quality --recipes quality --jobs 2

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune.train.jobs import enable_activation_checkpointing
 from deltatune.train.loop import compiled_for_training
 
 MODELS = {  # name -> (batch, length)
@@ -114,7 +115,7 @@ def apply_peft(model, row: str):
     else:
         cfg = peft.PromptTuningConfig(num_virtual_tokens=20, task_type=task)
     wrapped = peft.get_peft_model(model, cfg)
-    mergeable = row in ("lora_qv", "lora_all", "dora", "ia3")
+    mergeable = row in ("lora_qv", "lora_all", "dora", "dora_all", "ia3")
     return wrapped, wrapped.save_pretrained, (wrapped.merge_adapter if mergeable else None)
 
 
@@ -161,7 +162,7 @@ def prepared(model_name: str, row: str, lib: str):
     apply = {"deltatune": apply_deltatune, "peft": apply_peft, "none": apply_plain}[lib]
     model, save, merge = apply(model, row)
     if row.endswith("gradckpt"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)  # deltatune's `train.gradient_checkpointing`, for both libraries
         if lib == "peft":
             model.enable_input_require_grads()
     # both libraries compiled alike: deltatune's `train.compile` settings (dynamic shapes; on CPU, aten's dropout RNG)
@@ -260,7 +261,7 @@ def pair_table(path: Path) -> str:
     return "\n".join(out)
 
 
-INFER_ROWS = ["lora_qv", "lora_all", "dora", "ia3", "prefix", "prompt", "adapter_houlsby"]
+INFER_ROWS = ["lora_qv", "lora_all", "dora", "dora_all", "ia3", "prefix", "prompt", "adapter_houlsby"]
 
 
 def run_inference(model_name: str, row: str, lib: str, reps: int) -> dict:

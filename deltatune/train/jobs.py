@@ -105,11 +105,21 @@ def build_model(cfg: RunConfig, label_names: list[str] | None, pad_id: int, devi
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it "
                               f"to false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.to(device)
     delta = attach(model, *cfg.delta_configs(), train_modules=train_module_names(cfg, model, new) or None)
     log.info("delta: %s; %s", " + ".join(describe_method(c) for c in delta.configs), delta.summary())
     return model, delta
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: works with frozen inputs). transformers
+    5.24 renamed the switch and warns on the old name; older 5.x releases only have the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def cpu_threads(configured: int | None, world: int = 1) -> int:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,6 +206,27 @@ def test_gradient_checkpointing_gives_the_same_weights_and_bf16_runs(tmp_path, t
     assert all(torch.allclose(runs["plain"][k], runs["checkpointed"][k], atol=1e-6) for k in runs["plain"])
     assert all(torch.isfinite(t).all() for t in runs["bf16"].values())  # autocast on CPU: runs, stays finite
     assert any(not torch.equal(runs["plain"][k], runs["bf16"][k]) for k in runs["plain"])  # and is really used
+
+
+def test_activation_checkpointing_is_on_and_uses_the_current_switch(tiny_bert_nodrop_dir):
+    """transformers 5.24 warns (FutureWarning) on `gradient_checkpointing_enable`; users must not see it."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_nodrop_dir)
+    assert not model.is_activation_checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jobs.enable_activation_checkpointing(model)
+    assert model.is_activation_checkpointing
+
+
+def test_activation_checkpointing_falls_back_to_the_old_switch():
+    calls = []
+
+    class OlderTransformersModel(nn.Module):  # transformers 5.x before 5.24: only the old name
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(gradient_checkpointing_kwargs)
+
+    jobs.enable_activation_checkpointing(OlderTransformersModel())
+    assert calls == [{"use_reentrant": False}]
 
 
 def test_compiled_training_gives_the_same_weights_as_eager(tmp_path, tiny_bert_dir, sentiment_files):
