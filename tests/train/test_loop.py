@@ -211,11 +211,15 @@ def test_gradient_checkpointing_gives_the_same_weights_and_bf16_runs(tmp_path, t
 def test_activation_checkpointing_is_on_and_uses_the_current_switch(tiny_bert_nodrop_dir):
     """transformers 5.24 warns (FutureWarning) on `gradient_checkpointing_enable`; users must not see it."""
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_nodrop_dir)
-    assert not model.is_activation_checkpointing
+
+    def checkpointed_layers() -> int:  # the flag transformers' layers read, on every 5.x release
+        return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules())
+
+    assert checkpointed_layers() == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jobs.enable_activation_checkpointing(model)
-    assert model.is_activation_checkpointing
+    assert checkpointed_layers() > 0
 
 
 def test_activation_checkpointing_falls_back_to_the_old_switch():
