@@ -115,7 +115,7 @@ def apply_peft(model, row: str):
     else:
         cfg = peft.PromptTuningConfig(num_virtual_tokens=20, task_type=task)
     wrapped = peft.get_peft_model(model, cfg)
-    mergeable = row in ("lora_qv", "lora_all", "dora", "dora_all", "ia3")
+    mergeable = row.startswith(("lora", "dora", "ia3"))  # the same rule as apply_deltatune's
     return wrapped, wrapped.save_pretrained, (wrapped.merge_adapter if mergeable else None)
 
 
