@@ -28,6 +28,11 @@ from ..core.targets import linear_types
 from .lora import LoRA, LoRAConv1D, LoRAEmbedding, LoRALinear
 
 
+def magnitude_over_norm(delta: DoRALinear | DoRAEmbedding) -> torch.Tensor:
+    """m / n for the forward, n detached (the paper's sec. 4.3): m gets a gradient, n is a constant."""
+    return delta.magnitude / delta._norm(delta._lora_weight().detach()).detach()
+
+
 class DoRALinear(LoRALinear):
     """DoRA on nn.Linear; ``magnitude`` has shape (out_features,)."""
 
@@ -67,7 +72,7 @@ class DoRALinear(LoRALinear):
         out = self.base(x)
         if not self.uses_delta:
             return out
-        factor = self.magnitude / self._norm(self._lora_weight().detach()).detach()
+        factor = magnitude_over_norm(self)
         dropout_on = self._dropout_on()
         x = self.drop(x) if dropout_on else x
         layer = self.base_layer()
@@ -89,7 +94,7 @@ class DoRALinear(LoRALinear):
         fold = folding_pays(x, layer)
         if fold and not torch.is_grad_enabled():  # inference: one product with the DoRA weight
             return linear_forward(layer, x, layer.weight + self.delta_weight(), layer.bias)
-        factor = self.magnitude / self._norm(self._lora_weight().detach()).detach()
+        factor = magnitude_over_norm(self)
         directed = self._fused(x, None, None, fold)
         return directed * factor if layer.bias is None else torch.addcmul(layer.bias, directed, factor)
 
@@ -154,7 +159,7 @@ class DoRAEmbedding(LoRAEmbedding):
             return out
         layer = self.base_layer()
         rows = out if self.base is layer else layer(ids)
-        factor = self.magnitude / self._norm(self._lora_weight().detach()).detach()
+        factor = magnitude_over_norm(self)
         combined = rows + (F.embedding(ids, self.lora_A.T, padding_idx=layer.padding_idx) @ self.lora_B.T) * self.scale
         return out + self.scaled(factor * combined - rows)  # one saved activation, as in DoRALinear
 
