@@ -99,7 +99,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
     compile: bool = False                  # torch.compile the training forward (dynamic shapes), after a one-off
-    #                                        compile of minutes; needs a C++ compiler. CPU: same speed as eager
+    #                                        compile of minutes; needs a C++ compiler. CPU: 0-10% faster
     eval_every: int | str = "epoch"        # "epoch", "never" or a number of steps
     save_every: PositiveInt | None = 100   # training-state checkpoint interval in steps (also at each epoch end)
     log_every: PositiveInt = 10
