@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune.core import onednn
 from deltatune.train.jobs import enable_activation_checkpointing
 from deltatune.train.loop import compiled_for_training
 
@@ -40,6 +41,9 @@ ROWS = {
     "adapter_houlsby": ["deltatune"], "adapter_parallel": ["deltatune"], "bitfit": ["deltatune"],
     "lora_qv_compiled": ["deltatune", "peft"], "lora_all_compiled": ["deltatune", "peft"],
     "lora_all_gradckpt": ["deltatune", "peft"], "dora_all": ["deltatune", "peft"],
+    # deltatune's `train.onednn` (frozen layers' products on oneDNN), alone and with compile
+    "backprop_floor_onednn": ["none"], "lora_qv_onednn": ["deltatune"], "lora_all_onednn": ["deltatune"],
+    "lora_qv_compiled_onednn": ["deltatune"], "lora_all_compiled_onednn": ["deltatune"],
 }
 # the decoder takes ~10x longer per step on 2 cores: the rows that answer its questions (LoRA cost against the
 # floor and PEFT, with and without gradient checkpointing)
@@ -160,13 +164,15 @@ def prepared(model_name: str, row: str, lib: str):
     torch.manual_seed(0)
     model = build_model(model_name)
     apply = {"deltatune": apply_deltatune, "peft": apply_peft, "none": apply_plain}[lib]
-    model, save, merge = apply(model, row)
+    model, save, merge = apply(model, row.removesuffix("_onednn"))
+    if row.endswith("_onednn"):
+        onednn.enable(model)  # deltatune's `train.onednn`, after the delta froze the model
     if row.endswith("gradckpt"):
         enable_activation_checkpointing(model)  # deltatune's `train.gradient_checkpointing`, for both libraries
         if lib == "peft":
             model.enable_input_require_grads()
     # both libraries compiled alike: deltatune's `train.compile` settings (dynamic shapes; on CPU, aten's dropout RNG)
-    net = compiled_for_training(model, torch.device("cpu")) if row.endswith("compiled") else model
+    net = compiled_for_training(model, torch.device("cpu")) if "_compiled" in row else model
     batch = make_batch(model, *MODELS[model_name])
     return model, net, save, merge, batch, [p for p in model.parameters() if p.requires_grad]
 

@@ -28,6 +28,8 @@ from .core.errors import (
                           StateError,
                           TargetError,
 )
+from .core.onednn import disable as disable_onednn
+from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
 from .inspect import inspect
 from .interop.peft import export_peft, import_peft
@@ -51,6 +53,8 @@ __all__ = [
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
     "fit_intrinsic_subspace", "TrainModules",
+    # speed (core/onednn.py)
+    "enable_onednn", "disable_onednn",
     # types and errors
     "Delta", "Recipe", "DeltaError", "ConfigError", "TargetError", "AttachError", "StateError", "CheckpointError",
     "CheckpointNotFoundError", "BaseModelMismatchError",

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .structure import features
 
 
@@ -38,9 +39,9 @@ def linear_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """What ``layer`` (nn.Linear, or transformers' Conv1D with its (in, out) weight) computes, with ``weight``
     and ``bias`` in place of its own: same layout, same kernel, so an unchanged weight gives bitwise the
-    layer's own output."""
+    layer's own output (on oneDNN where the layer opted in: ``core.onednn``)."""
     if isinstance(layer, nn.Linear):
-        return F.linear(x, weight, bias)
+        return onednn.FrozenLinear.apply(x, weight, bias) if onednn.routes(layer, x) else F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])  # as Conv1D.forward
     out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
     return out.view(*x.shape[:-1], weight.shape[1])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..auto.budget import RankAllocator, RankBudget
+from ..core import onednn
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
 from ..core.merge_on_the_fly import folding_pays, linear_forward
@@ -144,7 +145,8 @@ class LoRALinear(DeltaWrapper):
         """``FusedLoRALinear`` on this (plain, frozen) layer: x W^T + bias + s (x_drop A^T) B^T."""
         layer = self.base
         weight_t = layer.weight if isinstance(self, LoRAConv1D) else layer.weight.T  # (in, out) either way
-        return FusedLoRALinear.apply(x, x_drop, weight_t, bias, self.lora_A, self.lora_B, self.scale, fold)
+        return FusedLoRALinear.apply(x, x_drop, weight_t, bias, self.lora_A, self.lora_B, self.scale, fold,
+                                     onednn.routes(layer, x))
 
     def _dropout_on(self) -> bool:
         return self.training and not isinstance(self.drop, nn.Identity)
@@ -165,10 +167,11 @@ class FusedLoRALinear(torch.autograd.Function):
     y = x W'^T + b and dL/dx = g W'. Otherwise the LoRA term is accumulated in place (``addmm_``).
     Saves the LoRA input (for dA) and the rank-r activation h (for dB), as autograd would. ``x_drop`` is
     ``x_d``, or None when it is ``x`` itself (no dropout; torch.compile cannot trace one tensor passed twice).
+    With ``use_onednn`` the output's product runs on oneDNN (``core.onednn``: the layer opted in).
     """
 
     @staticmethod
-    def forward(ctx, x, x_drop, weight_t, bias, lora_a, lora_b, scale, fold):
+    def forward(ctx, x, x_drop, weight_t, bias, lora_a, lora_b, scale, fold, use_onednn=False):
         same = x_drop is None
         fold = fold and same  # with dropout the LoRA term reads another input: it cannot be folded
         shape = x.shape
@@ -176,7 +179,10 @@ class FusedLoRALinear(torch.autograd.Function):
         flat_drop = flat if same else x_drop.reshape(-1, shape[-1])
         hidden = flat_drop @ lora_a.T
         weight_used = folded(weight_t, lora_a, lora_b, scale) if fold else weight_t
-        out = torch.addmm(bias, flat, weight_used) if bias is not None else flat @ weight_used
+        if use_onednn:
+            out = onednn.matmul_t(flat, weight_used.T, bias)
+        else:
+            out = torch.addmm(bias, flat, weight_used) if bias is not None else flat @ weight_used
         if not fold:
             out.addmm_(hidden, lora_b.T, alpha=scale)
         ctx.save_for_backward(flat_drop, hidden, weight_t, lora_a, lora_b)
@@ -204,7 +210,7 @@ class FusedLoRALinear(torch.autograd.Function):
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[1] and not ctx.same:
             grad_drop = (g_hidden @ lora_a).view(ctx.shape)
-        return grad_x, grad_drop, None, None, grad_a, grad_b, None, None
+        return grad_x, grad_drop, None, None, grad_a, grad_b, None, None, None
 
 
 def over_tokens(a: torch.Tensor, b: torch.Tensor, parts: int = 4) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..api import attach, load, merge_and_save
+from ..core import onednn
 from ..core.checkpoint import CONFIG_FILE, TENSORS_FILE
 from ..core.errors import CheckpointNotFoundError, ConfigError
 from ..inspect import inspect
@@ -109,7 +110,19 @@ def build_model(cfg: RunConfig, label_names: list[str] | None, pad_id: int, devi
     model.to(device)
     delta = attach(model, *cfg.delta_configs(), train_modules=train_module_names(cfg, model, new) or None)
     log.info("delta: %s; %s", " + ".join(describe_method(c) for c in delta.configs), delta.summary())
+    if cfg.train.onednn:
+        log.info("oneDNN products on %d frozen linear layers", use_onednn(cfg, model, device))
     return model, delta
+
+
+def use_onednn(cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> int:
+    """``train.onednn``, refused where it would silently do nothing (another device, low precision)."""
+    if device.type != "cpu":
+        raise ConfigError(f"train.onednn speeds up CPU training only (device is {device}); set it to false")
+    if autocast_dtype(cfg.train.precision, device) is not None:
+        raise ConfigError(f"train.onednn runs float32 products only, but train.precision is "
+                          f"{cfg.train.precision}; use fp32 or set train.onednn to false")
+    return onednn.enable(model)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

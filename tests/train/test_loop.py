@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 import deltatune as dt
+from deltatune.core import onednn
 from deltatune.core.errors import CheckpointNotFoundError, ConfigError
 from deltatune.train import distributed, jobs
 from deltatune.train.batches import Encoded
@@ -231,6 +232,32 @@ def test_activation_checkpointing_falls_back_to_the_old_switch():
 
     jobs.enable_activation_checkpointing(OlderTransformersModel())
     assert calls == [{"use_reentrant": False}]
+
+
+def test_onednn_training_gives_the_default_paths_weights(tmp_path, tiny_bert_dir, sentiment_files, monkeypatch):
+    if not onednn.available():
+        pytest.skip("this torch build has no oneDNN")
+    routed = []
+    real = onednn.matmul_t
+    monkeypatch.setattr(onednn, "matmul_t", lambda *args: routed.append(1) or real(*args))
+    runs = {}
+    for name, extra in {"default": {}, "onednn": {"onednn": True}}.items():
+        _, cfg = make_config(tmp_path, tiny_bert_dir, sentiment_files, name, max_steps=3, eval_every="never",
+                             **extra)
+        jobs.train(cfg)
+        runs[name] = weights(Path(cfg.output_dir))
+        assert bool(routed) == (name == "onednn")
+    assert runs["default"].keys() == runs["onednn"].keys()
+    assert all(torch.allclose(runs["default"][k], runs["onednn"][k], atol=1e-5) for k in runs["default"])
+
+
+@pytest.mark.parametrize(("device", "precision", "says"), [
+    ("cuda", "fp32", "CPU training only"), ("cpu", "bf16", "float32 products only")])
+def test_onednn_is_refused_where_it_would_do_nothing(tmp_path, tiny_bert_dir, sentiment_files, device, precision,
+                                                     says):
+    _, cfg = make_config(tmp_path, tiny_bert_dir, sentiment_files, "run", onednn=True, precision=precision)
+    with pytest.raises(ConfigError, match=says):
+        jobs.use_onednn(cfg, nn.Linear(2, 2), torch.device(device))
 
 
 def test_compiled_training_gives_the_same_weights_as_eager(tmp_path, tiny_bert_dir, sentiment_files):
