@@ -102,7 +102,7 @@ class TrainConfig(Section):
     #                                        compile of minutes; needs a C++ compiler. CPU: 0-10% faster
     onednn: bool = False                   # CPU, fp32: frozen linear layers' forward products on oneDNN, not MKL
     #                                        (core/onednn.py); equal within float32 rounding, not bitwise. 2-core
-    #                                        CPU: LoRA steps 0.93-0.98x, compiled decoder 0.92x (BENCHMARKS.md)
+    #                                        CPU: LoRA steps 0.93-0.98x, compiled decoder 0.92-0.97x (BENCHMARKS)
     eval_every: int | str = "epoch"        # "epoch", "never" or a number of steps
     save_every: PositiveInt | None = 100   # training-state checkpoint interval in steps (also at each epoch end)
     log_every: PositiveInt = 10
