@@ -41,6 +41,7 @@ bench: install  ## speed / memory / latency vs PEFT, one configuration per proce
 	$(PY) bench/speed.py infer-all --out bench/results/infer.jsonl
 	$(PY) bench/speed.py infer-table --out bench/results/infer.jsonl
 	$(PY) bench/speed.py pair --rows lora_qv:deltatune,lora_qv:peft,lora_all:deltatune,lora_all:peft,lora_qv_onednn:deltatune,lora_all_onednn:deltatune --steps 20 --out bench/results/pair.jsonl
+	$(PY) bench/speed.py pair --model llama110m --rows lora_all:peft,lora_all_compiled_onednn:deltatune,lora_all_compiled_onednn_fused:deltatune --steps 12 --out bench/results/pair.jsonl
 	$(PY) bench/speed.py pair-table --out bench/results/pair.jsonl
 	$(PY) bench/peft_trainer.py e2e --out bench/results/e2e.jsonl
 	$(PY) bench/gemm_rate.py

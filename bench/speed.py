@@ -6,6 +6,8 @@ One (model, row, library) configuration per process, so peak RSS is that configu
     python bench/speed.py infer-all --out bench/results/infer.jsonl             # paired inference latency
     python bench/speed.py pair --rows lora_all:deltatune,lora_all:peft --out bench/results/pair.jsonl
                                                 # train steps in rounds with the backprop floor: × floor
+Row suffixes switch deltatune's training options on: ``_compiled`` (train.compile), ``_onednn`` (train.onednn),
+``_fused`` (train.fused_loss), e.g. ``lora_all_compiled_onednn_fused``; ``_gradckpt`` (for both libraries).
 Fixed seeds, 2 threads, warm-up steps excluded, median and spread (IQR) of the measured steps.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from deltatune.core import onednn
+from deltatune.core.lm_loss import FusedLMLoss
 from deltatune.train.jobs import enable_activation_checkpointing
 from deltatune.train.loop import compiled_for_training
 
@@ -44,6 +47,9 @@ ROWS = {
     # deltatune's `train.onednn` (frozen layers' products on oneDNN), alone and with compile
     "backprop_floor_onednn": ["none"], "lora_qv_onednn": ["deltatune"], "lora_all_onednn": ["deltatune"],
     "lora_qv_compiled_onednn": ["deltatune"], "lora_all_compiled_onednn": ["deltatune"],
+    # deltatune's `train.fused_loss` (decoders: output layer and cross-entropy fused in chunks)
+    "lora_all_fused": ["deltatune"], "lora_qv_fused": ["deltatune"], "lora_all_compiled_onednn_fused": ["deltatune"],
+    "lora_qv_compiled_onednn_fused": ["deltatune"],
 }
 # the decoder takes ~10x longer per step on 2 cores: the rows that answer its questions (LoRA cost against the
 # floor and PEFT, with and without gradient checkpointing)
@@ -159,11 +165,13 @@ def spread(xs: list[float]) -> dict:
 
 
 def prepared(model_name: str, row: str, lib: str):
-    """(model, net, save, merge, batch, trainable) for one configuration: the delta attached, gradient
-    checkpointing or torch.compile applied as the row says."""
+    """(model, net, loss_of, save, merge, batch, trainable) for one configuration: the delta attached, gradient
+    checkpointing, torch.compile, oneDNN products or the fused LM loss applied as the row's suffixes say."""
     torch.manual_seed(0)
     model = build_model(model_name)
     apply = {"deltatune": apply_deltatune, "peft": apply_peft, "none": apply_plain}[lib]
+    fused = row.endswith("_fused")  # deltatune's `train.fused_loss`
+    row = row.removesuffix("_fused")
     model, save, merge = apply(model, row.removesuffix("_onednn"))
     if row.endswith("_onednn"):
         onednn.enable(model)  # deltatune's `train.onednn`, after the delta froze the model
@@ -172,19 +180,25 @@ def prepared(model_name: str, row: str, lib: str):
         if lib == "peft":
             model.enable_input_require_grads()
     # both libraries compiled alike: deltatune's `train.compile` settings (dynamic shapes; on CPU, aten's dropout RNG)
-    net = compiled_for_training(model, torch.device("cpu")) if "_compiled" in row else model
+    compiled = "_compiled" in row
+    net = compiled_for_training(model, torch.device("cpu")) if compiled and not fused else model
+    if fused:  # as `deltatune train` does: the base model compiled, the loss eager
+        loss_of = FusedLMLoss(model, compiled_for_training(model.base_model, torch.device("cpu")) if compiled else None)
+    else:
+        def loss_of(batch):
+            return net(**batch).loss
     batch = make_batch(model, *MODELS[model_name])
-    return model, net, save, merge, batch, [p for p in model.parameters() if p.requires_grad]
+    return model, net, loss_of, save, merge, batch, [p for p in model.parameters() if p.requires_grad]
 
 
-def train_step(net, batch: dict, trainable: list):
+def train_step(net, loss_of, batch: dict, trainable: list):
     """One optimiser step (AdamW) on ``batch``, as a closure."""
     opt = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     net.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        net(**batch).loss.backward()
+        loss_of(batch).backward()
         opt.step()
 
     return step
@@ -192,13 +206,13 @@ def train_step(net, batch: dict, trainable: list):
 
 def run_one(model_name: str, row: str, lib: str, steps: int, warmup: int) -> dict:
     torch.set_num_threads(2)
-    model, net, save, merge, batch, trainable = prepared(model_name, row, lib)
+    model, net, loss_of, save, merge, batch, trainable = prepared(model_name, row, lib)
     batch_size, length = MODELS[model_name]
     result = {"model": model_name, "row": row, "lib": lib, "batch": batch_size, "length": length}
     result["trainable"] = sum(p.numel() for p in trainable)
     result["total"] = sum(p.numel() for p in model.parameters())
     if row != "base_inference":
-        step = train_step(net, batch, trainable)
+        step = train_step(net, loss_of, batch, trainable)
         result["train"] = spread(timed(step, steps, warmup))
         result["tokens_per_s"] = batch_size * length / (result["train"]["median_ms"] / 1000)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -241,8 +255,8 @@ def run_paired(model_name: str, configs: list[tuple[str, str]], rounds: int) -> 
     torch.set_num_threads(2)
     steps = {}
     for row, lib in [("backprop_floor", "none"), *configs]:
-        _, net, _, _, batch, trainable = prepared(model_name, row, lib)
-        steps[(row, lib)] = train_step(net, batch, trainable)
+        _, net, loss_of, _, _, batch, trainable = prepared(model_name, row, lib)
+        steps[(row, lib)] = train_step(net, loss_of, batch, trainable)
     times = dict(zip(steps, in_rounds(list(steps.values()), rounds), strict=True))
     floor = times[("backprop_floor", "none")]
     result = {"model": model_name, "rounds": rounds, "floor_ms": 1000 * statistics.median(floor), "rows": []}

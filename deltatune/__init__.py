@@ -28,6 +28,7 @@ from .core.errors import (
                           StateError,
                           TargetError,
 )
+from .core.lm_loss import FusedLMLoss, linear_cross_entropy
 from .core.onednn import disable as disable_onednn
 from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
@@ -53,8 +54,8 @@ __all__ = [
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
     "fit_intrinsic_subspace", "TrainModules",
-    # speed (core/onednn.py)
-    "enable_onednn", "disable_onednn",
+    # speed (core/onednn.py, core/lm_loss.py)
+    "enable_onednn", "disable_onednn", "FusedLMLoss", "linear_cross_entropy",
     # types and errors
     "Delta", "Recipe", "DeltaError", "ConfigError", "TargetError", "AttachError", "StateError", "CheckpointError",
     "CheckpointNotFoundError", "BaseModelMismatchError",

@@ -103,6 +103,8 @@ class TrainConfig(Section):
     onednn: bool = False                   # CPU, fp32: frozen linear layers' forward products on oneDNN, not MKL
     #                                        (core/onednn.py); equal within float32 rounding, not bitwise. 2-core
     #                                        CPU: LoRA steps 0.93-0.98x, compiled decoder 0.92-0.97x (BENCHMARKS)
+    fused_loss: bool = False               # causal_lm / instruction: output layer + cross-entropy fused in chunks
+    #                                        (core/lm_loss.py): no full logits tensor, no product for -100 tokens
     eval_every: int | str = "epoch"        # "epoch", "never" or a number of steps
     save_every: PositiveInt | None = 100   # training-state checkpoint interval in steps (also at each epoch end)
     log_every: PositiveInt = 10
@@ -308,6 +310,9 @@ def check_methods(cfg: RunConfig) -> None:
             config_from_dict(entry, config_classes())
         except ConfigError as e:
             raise ConfigError(f"delta[{i}]: {e}") from None
+    if cfg.train.fused_loss and cfg.task == "classification":
+        raise ConfigError("train.fused_loss fuses a language model's output layer with its loss; task "
+                          "classification has no such layer: set it to false")
     allowed = CLASSIFICATION_METRICS if cfg.task == "classification" else LM_METRICS
     if cfg.train.metric is not None and cfg.train.metric not in allowed:
         raise ConfigError(f"train.metric must be one of {', '.join(allowed)} for task {cfg.task}, "

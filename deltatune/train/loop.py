@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..core.delta import TRAIN_PREFIX, Delta
 from ..core.errors import ConfigError, DeltaError
+from ..core.lm_loss import FusedLMLoss
 from . import distributed
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
@@ -44,7 +46,7 @@ class TrainingDivergedError(DeltaError, FloatingPointError):
 
 @dataclasses.dataclass
 class Session:
-    """What one training run works on (built by ``jobs.prepare``)."""
+    """What one training run works on (built by ``jobs.train``)."""
 
     cfg: RunConfig
     model: nn.Module
@@ -101,8 +103,10 @@ def compiled_for_training(model: nn.Module, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info: distributed.Dist,
-             dtype: torch.dtype | None = None, forward_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
-    """``eval_*`` metrics of ``model`` on ``data``; every process evaluates a share, results are gathered."""
+             dtype: torch.dtype | None = None, forward_kwargs: dict[str, Any] | None = None,
+             lm_loss: FusedLMLoss | None = None) -> dict[str, float]:
+    """``eval_*`` metrics of ``model`` on ``data``; every process evaluates a share, results are gathered.
+    ``lm_loss``: a language model's loss without the full logits (``train.fused_loss``)."""
     was_training = model.training
     model.eval()
     loss_sum, count, preds, labels = torch.zeros((), device=info.device), 0, [], []
@@ -110,7 +114,10 @@ def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info
     for indices in eval_batches(data.lengths(), batch_size, info.world, info.rank):
         batch = {k: v.to(info.device) for k, v in collate(data, indices, pad_id).items()}
         with autocast:
-            out = model(**batch, **(forward_kwargs or {}))
+            if lm_loss is not None and data.per_token_labels:
+                out = SimpleNamespace(loss=lm_loss.uncompiled(batch))
+            else:
+                out = model(**batch, **(forward_kwargs or {}))
         n = int((batch["labels"][:, 1:] != IGNORE).sum()) if data.per_token_labels else len(indices)
         loss_sum += out.loss.float() * n
         count += n
@@ -179,7 +186,8 @@ class Loop:
         self.s, self.t = session, session.cfg.train
         self.model, self.dist = session.model, session.dist
         # the compiled module shares parameters with the model: saving and evaluation use the model itself
-        self.forward = compiled_for_training(self.model, self.dist.device) if self.t.compile else self.model
+        compile_model = self.t.compile and not self.t.fused_loss  # fused: the base model is compiled instead
+        self.forward = compiled_for_training(self.model, self.dist.device) if compile_model else self.model
         self.params = list(session.delta.parameters().values())
         self.lengths = session.train_set.lengths()
         self.optimizer = build_optimizer(session.delta, self.t)
@@ -200,6 +208,7 @@ class Loop:
         self.saved_step: int | None = None
         self.window = {"loss": 0.0, "steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0}
         self.metrics: MetricsLog | None = None
+        self.lm_loss = self._fused_lm_loss() if self.t.fused_loss else None
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _batches(self, epoch: int) -> list[list[int]]:
@@ -232,6 +241,17 @@ class Loop:
         if self.dist.is_main:
             self.metrics = MetricsLog(self.s.run_dir / "metrics.jsonl", self.progress.step if resume else None)
 
+    def _fused_lm_loss(self) -> FusedLMLoss:
+        """``train.fused_loss``: the loss from the base model's hidden states (compiled when ``train.compile``),
+        compared once with the model's own loss on the first training batch before it is trusted."""
+        trunk = compiled_for_training(self.model.base_model, self.dist.device) if self.t.compile else None
+        try:
+            fused = FusedLMLoss(self.model, trunk)
+            fused.check(self._device_batch(self.s.train_set, self._batches(0)[0]))
+        except DeltaError as e:
+            raise ConfigError(f"train.fused_loss: {e}") from None
+        return fused
+
     # -- the loop --------------------------------------------------------------------------------------
     def run(self) -> Progress:
         p = self.progress
@@ -261,7 +281,10 @@ class Loop:
         for indices in group:
             batch = self._device_batch(self.s.train_set, indices)
             with self._autocast():
-                loss = self.forward(**batch, **self.forward_kwargs).loss / len(group)
+                if self.lm_loss is not None:
+                    loss = self.lm_loss(batch) / len(group)
+                else:
+                    loss = self.forward(**batch, **self.forward_kwargs).loss / len(group)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach().float()
         loss = distributed.average_gradients(self.dist, self.params, loss_sum).item()
@@ -294,7 +317,7 @@ class Loop:
     # -- evaluation ------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.s.eval_set, self.s.pad_id, self.t.eval_batch_size, self.dist, self.dtype,
-                        self.forward_kwargs)
+                        self.forward_kwargs, self.lm_loss)
 
     def evaluate_and_keep_best(self) -> dict[str, float]:
         p = self.progress

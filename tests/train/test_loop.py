@@ -260,6 +260,74 @@ def test_onednn_is_refused_where_it_would_do_nothing(tmp_path, tiny_bert_dir, se
         jobs.use_onednn(cfg, nn.Linear(2, 2), torch.device(device))
 
 
+def instruction_config(tmp_path: Path, model_dir: Path, alpaca: Path, name: str, delta=None, **train):
+    """Instruction tuning (prompt tokens masked out of the loss: -100 rows the fused loss skips), evaluated once
+    at the end on the training file."""
+    data = base_overrides(model_dir, alpaca, alpaca, tmp_path / name, tmp_path / "cache")
+    data.update(task="instruction", delta=delta or [{"method": "lora", "r": 4, "targets": "all-linear"}])
+    data["data"]["max_length"] = 64
+    data["train"].update(max_steps=3, eval_every=3, batch_size=4, eval_batch_size=4, learning_rate=0.01,
+                         **train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+def test_fused_loss_training_gives_the_model_losss_weights(tmp_path, tiny_llama_dir, alpaca_file, monkeypatch):
+    from deltatune.core import lm_loss
+
+    fused_calls = []
+    real = lm_loss.linear_cross_entropy
+    monkeypatch.setattr(lm_loss, "linear_cross_entropy", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    runs = {}
+    for name, extra in {"default": {}, "fused": {"fused_loss": True}}.items():
+        cfg = instruction_config(tmp_path, tiny_llama_dir, alpaca_file, name, **extra)
+        jobs.train(cfg)
+        runs[name] = weights(Path(cfg.output_dir))
+        runs[name + "_loss"] = [r["loss"] for r in records(Path(cfg.output_dir), "train")]
+        runs[name + "_eval"] = [r["eval_loss"] for r in records(Path(cfg.output_dir), "eval")]
+    # the check on the first batch, 3 steps, then the final evaluation's 2 batches
+    assert len(fused_calls) == 6
+    assert len(runs["fused_eval"]) == 1 and runs["fused_eval"] == pytest.approx(runs["default_eval"], rel=1e-4)
+    assert runs["default"].keys() == runs["fused"].keys()
+    assert runs["fused_loss"] == pytest.approx(runs["default_loss"], rel=1e-6)
+    # gradients agree to float32 rounding; AdamW's normalisation magnifies that where a gradient is near zero
+    # (LoRA's A while B is still ~0) to ~1e-4 of a tensor's norm after 3 steps; a wrong loss moves them by ~1
+    for k, default in runs["default"].items():
+        assert (runs["fused"][k] - default).norm() < 1e-3 * default.norm(), k
+    assert all(runs["fused"][k].abs().sum() > 0 for k in runs["fused"] if "lora_B" in k)
+
+
+def test_fused_loss_compiles_the_base_model_not_the_whole_model(tmp_path, tiny_llama_dir, alpaca_file,
+                                                                monkeypatch):
+    class Built(Exception):
+        pass
+
+    def stop_before_training(loop, resume):
+        raise Built(loop)
+
+    monkeypatch.setattr(Loop, "start", stop_before_training)
+    with pytest.raises(Built) as built:
+        jobs.train(instruction_config(tmp_path, tiny_llama_dir, alpaca_file, "run", fused_loss=True, compile=True))
+    loop = built.value.args[0]
+    assert loop.forward is loop.model  # the whole model is left alone...
+    assert isinstance(loop.lm_loss.trunk, torch._dynamo.eval_frame.OptimizedModule)
+    assert loop.lm_loss.trunk._orig_mod is loop.model.base_model  # ...its base model is compiled
+
+
+@pytest.mark.parametrize(("task", "delta", "says"), [
+    ("classification", None, "task classification has no such layer"),
+    ("instruction", [{"method": "prompt", "num_tokens": 4}], "hooks run around LlamaForCausalLM.forward"),
+    ("instruction", [{"method": "lora", "r": 4, "targets": ["lm_head"]}], "not a plain nn.Linear")])
+def test_fused_loss_is_refused_where_it_would_change_the_loss(tmp_path, tiny_llama_dir, tiny_bert_dir,
+                                                              sentiment_files, alpaca_file, task, delta, says):
+    with pytest.raises(ConfigError, match=says):
+        if task == "classification":
+            make_config(tmp_path, tiny_bert_dir, sentiment_files, "run", fused_loss=True)
+        else:
+            jobs.train(instruction_config(tmp_path, tiny_llama_dir, alpaca_file, "run", delta, fused_loss=True))
+
+
 def test_compiled_training_gives_the_same_weights_as_eager(tmp_path, tiny_bert_dir, sentiment_files):
     """Dropout on: on CPU the compiled step draws its masks from aten's generator, so even those match
     (inductor's own random kernels would give other masks, and fail this)."""
