@@ -23,7 +23,7 @@ from torch import nn
 from . import onednn
 from .errors import DeltaError
 
-IGNORE = -100
+IGNORE = -100  # Hugging Face's label for "no target here" (padding, masked prompts)
 CHUNK_BYTES = 64 * 2**20  # logits per chunk: 512 tokens of a 32,000 vocabulary (256-1024 measured alike)
 
 
@@ -131,8 +131,10 @@ class FusedLMLoss:
     def _loss(self, trunk: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "labels" not in batch:
             raise DeltaError("fused LM loss: the batch has no 'labels' (token ids, -100 where there is no target)")
-        hidden = trunk(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)[0]
-        rows, targets = shifted_targets(hidden, batch["labels"])
+        return self._from_hidden(_hidden_states(trunk, batch), batch["labels"])
+
+    def _from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows, targets = shifted_targets(hidden, labels)
         return linear_cross_entropy(rows, self.head.weight, self.head.bias, targets, self.head, self.chunk_rows)
 
     @torch.no_grad()
@@ -148,9 +150,8 @@ class FusedLMLoss:
         handle = self.head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
         try:
             out = self.model(**small, use_cache=False)
-            handle.remove()
-            hidden = self.model.base_model(**{k: v for k, v in small.items() if k != "labels"}, use_cache=False)[0]
-            ours = self.uncompiled(small)
+            hidden = _hidden_states(self.model.base_model, small)
+            ours = self._from_hidden(hidden, small["labels"])
         finally:
             handle.remove()
             self.model.train(was_training)
@@ -165,3 +166,7 @@ class FusedLMLoss:
         if not torch.allclose(ours.float(), out.loss.float(), rtol, 1e-5):
             raise DeltaError(f"fused LM loss: {ours.item():.6f} where {name}'s own loss is {out.loss.item():.6f}; "
                              f"{fix}")
+
+
+def _hidden_states(trunk: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return trunk(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)[0]

@@ -17,8 +17,9 @@ import dataclasses
 
 import torch
 
+from ..core.lm_loss import IGNORE  # label id that no loss is computed for (prompt and padding tokens)
+
 MEGABATCH = 50  # batches per sorted mega-batch: HF's choice, enough to cut padding, random enough across epochs
-IGNORE = -100   # label id that no loss is computed for (prompt and padding tokens)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -115,11 +114,12 @@ def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info
         batch = {k: v.to(info.device) for k, v in collate(data, indices, pad_id).items()}
         with autocast:
             if lm_loss is not None and data.per_token_labels:
-                out = SimpleNamespace(loss=lm_loss.uncompiled(batch))
+                out, loss = None, lm_loss.uncompiled(batch)
             else:
                 out = model(**batch, **(forward_kwargs or {}))
+                loss = out.loss
         n = int((batch["labels"][:, 1:] != IGNORE).sum()) if data.per_token_labels else len(indices)
-        loss_sum += out.loss.float() * n
+        loss_sum += loss.float() * n
         count += n
         if not data.per_token_labels:
             preds.append(out.logits.argmax(-1).cpu())
