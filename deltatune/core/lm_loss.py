@@ -24,6 +24,7 @@ from . import onednn
 from .errors import DeltaError
 
 IGNORE = -100  # Hugging Face's label for "no target here" (padding, masked prompts)
+FIX = "use the model's own loss (train.fused_loss: false)"  # what to do when the fused loss does not fit
 CHUNK_BYTES = 64 * 2**20  # logits per chunk: 512 tokens of a 32,000 vocabulary (256-1024 measured alike)
 
 
@@ -103,7 +104,7 @@ class FusedLMLoss:
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         reason = self._unsupported()
         if reason:
-            raise DeltaError(f"fused LM loss: {reason}; use the model's own loss (train.fused_loss: false)")
+            raise DeltaError(f"fused LM loss: {reason}; {FIX}")
         self.trunk = trunk if trunk is not None else model.base_model
 
     def _unsupported(self) -> str | None:
@@ -155,17 +156,16 @@ class FusedLMLoss:
         finally:
             handle.remove()
             self.model.train(was_training)
-        fix = "use the model's own loss (train.fused_loss: false)"
         if len(seen) != 1 or seen[0].shape != hidden.shape or not torch.allclose(seen[0], hidden, rtol, 1e-5):
             raise DeltaError(f"fused LM loss: {name}'s output layer does not read its base model's last hidden "
-                             f"state; {fix}")
+                             f"state; {FIX}")
         if not torch.allclose(out.logits.float(), F.linear(hidden, self.head.weight, self.head.bias).float(),
                               rtol, 1e-4):
             raise DeltaError(f"fused LM loss: {name} changes the logits after its output layer (scaling or "
-                             f"soft-capping); {fix}")
+                             f"soft-capping); {FIX}")
         if not torch.allclose(ours.float(), out.loss.float(), rtol, 1e-5):
             raise DeltaError(f"fused LM loss: {ours.item():.6f} where {name}'s own loss is {out.loss.item():.6f}; "
-                             f"{fix}")
+                             f"{FIX}")
 
 
 def _hidden_states(trunk: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

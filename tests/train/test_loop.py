@@ -273,7 +273,7 @@ def instruction_config(tmp_path: Path, model_dir: Path, alpaca: Path, name: str,
     return load_config(path)
 
 
-def test_fused_loss_training_gives_the_model_losss_weights(tmp_path, tiny_llama_dir, alpaca_file, monkeypatch):
+def test_fused_loss_training_gives_the_model_loss_weights(tmp_path, tiny_llama_dir, alpaca_file, monkeypatch):
     from deltatune.core import lm_loss
 
     fused_calls = []
