@@ -10,7 +10,6 @@
 __version__ = "0.1.0"
 
 from .api import attach, detach, load, merge_and_save, recipe
-from .auto.budget import RankBudget
 from .compose.algebra import combine
 from .compose.extract import extract_lora
 from .compose.gates import Gates
@@ -34,11 +33,11 @@ from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
 from .inspect import inspect
 from .interop.peft import export_peft, import_peft
-from .methods import LoRA
 from .methods.adapter import Adapter
 from .methods.bitfit import BitFit
 from .methods.ia3 import IA3
 from .methods.ipt import IntrinsicPromptTuning, fit_intrinsic_subspace
+from .methods.lora import LoRA, RankBudget
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.train_modules import TrainModules

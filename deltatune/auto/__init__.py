@@ -1,10 +1,5 @@
-"""Automatic delta tuning: an adaptive LoRA rank budget (budget.py), method racing (racing.py) and
-hyperparameter / method search with Optuna (search.py, space.py).
+"""Automatic delta tuning, as orchestration over the training loop: method racing (racing.py) and
+hyperparameter / method search with Optuna (search.py, space.py, runs.py, report.py).
 
-Only the rank budget is imported here (the LoRA config needs it); racing and search pull in the training
-loop and Optuna, so import them from their modules.
+The adaptive LoRA rank budget is part of LoRA itself (methods/lora/budget.py).
 """
-
-from .budget import RankAllocator, RankBudget, rank_allocators
-
-__all__ = ["RankBudget", "RankAllocator", "rank_allocators"]

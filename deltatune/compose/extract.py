@@ -20,14 +20,15 @@ from ..core.checkpoint import fingerprint
 from ..core.delta import Delta, deltas_of
 from ..core.errors import BaseModelMismatchError, ConfigError, StateError
 from ..core.inject import named_base_modules, named_base_parameters
-from ..core.targets import Targets, find_targets, linear_types
+from ..core.layers import linear_types
+from ..core.targets import Targets, find_targets
 from .algebra import Factors, attach_factors, retained_energy
 
 log = logging.getLogger(__name__)
 
 
 def _update(base: nn.Module, tuned: nn.Module) -> torch.Tensor:
-    """W_ft - W_base in the (out, in) layout that LoRA's ``B @ A`` uses (see methods/lora.py)."""
+    """W_ft - W_base in the (out, in) layout that LoRA's ``B @ A`` uses (see methods/lora/layers.py)."""
     diff = tuned.weight.detach().float() - base.weight.detach().float()
     _, conv1d = linear_types()
     return diff.T if isinstance(base, (conv1d, nn.Embedding)) else diff

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import DeltaConfig
 from .errors import StateError
+from .layers import linear_types
 
 
 def broadcast_scale(scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -117,8 +118,6 @@ class DeltaWrapper(DeltaModule):
         """Whether the base is an nn.Linear/Conv1D that nobody observes (not a stacked wrapper, a quantised or
         custom layer; no hooks) and no routing or gate scales the delta: then a method may compute the layer's
         output its own way (fused, or with a folded weight) instead of calling it."""
-        from .targets import linear_types  # targets imports this module
-
         layer = self.base
         return (type(layer) in linear_types() and self.sample_scale is None and self.gate_scale is None
                 and not layer._forward_hooks and not layer._forward_pre_hooks)

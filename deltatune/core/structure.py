@@ -28,7 +28,8 @@ from torch import nn
 
 from .errors import TargetError
 from .inject import named_base_modules
-from .targets import layer_index, linear_types
+from .layers import linear_types
+from .targets import layer_index
 
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 # Leaf names used for key / value projections across transformers (BERT, Llama/OPT/BART, T5, DistilBERT, ...)

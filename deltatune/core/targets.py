@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import TargetError
 from .inject import DeltaModule, DeltaWrapper, named_base_modules
+from .layers import linear_types
 
 Targets = str | Sequence[str]
 ALL_LINEAR = "all-linear"
@@ -38,13 +39,6 @@ def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return name == pattern or name.endswith("." + pattern)
-
-
-def linear_types() -> tuple[type[nn.Module], ...]:
-    """nn.Linear plus transformers' Conv1D (GPT-2 stores its projections transposed)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
 
 
 def _backbone_prefix(model: nn.Module) -> str | None:

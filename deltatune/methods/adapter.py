@@ -28,9 +28,10 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, TargetError
 from ..core.inject import Attachment, DeltaWrapper, named_base_modules, wrap_module
+from ..core.layers import linear_types
 from ..core.recipe import Recipe
 from ..core.structure import features, transformer_blocks
-from ..core.targets import Targets, find_targets, linear_types
+from ..core.targets import Targets, find_targets
 from .registry import register
 
 KINDS = ("houlsby", "pfeiffer", "parallel")

@@ -21,10 +21,11 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, StateError
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.layers import linear_types
 from ..core.merge_on_the_fly import linear_forward, merges_pay
 from ..core.recipe import Recipe
 from ..core.structure import features, transformer_blocks
-from ..core.targets import Targets, find_targets, linear_types
+from ..core.targets import Targets, find_targets
 from .registry import register
 
 # Below this a scale can't be divided back out exactly, so unmerge would not restore the weight.

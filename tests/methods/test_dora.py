@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune.methods.dora import DoRAConv1D, DoRAEmbedding, DoRALinear
+from deltatune.methods.lora.dora import DoRAConv1D, DoRAEmbedding, DoRALinear
 from tests.conftest import BUILDERS, adam_losses, batch, logits
 
 peft = pytest.importorskip("peft")
@@ -72,9 +72,9 @@ def test_fused_path_equals_the_formula_with_gradients(monkeypatch, layer, tokens
     delta = dt.attach(model, dt.LoRA(r=2, alpha=4, targets=["0"], dora=True), train_modules=None)
     randomize(delta)
     calls = []
-    fused = dt.methods.lora.FusedLoRALinear.apply
+    fused = dt.methods.lora.layers.FusedLoRALinear.apply
     # a[7]: fold
-    monkeypatch.setattr(dt.methods.lora.FusedLoRALinear, "apply", lambda *a: calls.append(a[7]) or fused(*a))
+    monkeypatch.setattr(dt.methods.lora.layers.FusedLoRALinear, "apply", lambda *a: calls.append(a[7]) or fused(*a))
     wrapper, x = model[0], torch.randn(tokens, 6, requires_grad=True)
     model(x).pow(2).sum().backward()
     assert calls == [tokens == 8]  # the fused Function ran, folding only for 8 tokens

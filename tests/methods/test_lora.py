@@ -227,8 +227,8 @@ def test_fused_path_gradients_equal_autograd_on_the_formula(monkeypatch, layer_t
     w = delta.wrappers()[0]
     assert w._may_fuse(torch.randn(2, 16))
     folds = []
-    folded = dt.methods.lora.folded
-    monkeypatch.setattr(dt.methods.lora, "folded", lambda *a: folds.append(1) or folded(*a))
+    folded = dt.methods.lora.layers.folded
+    monkeypatch.setattr(dt.methods.lora.layers, "folded", lambda *a: folds.append(1) or folded(*a))
     x = torch.randn(1, tokens, 16, requires_grad=True)
     torch.manual_seed(1)
     got = model(x)
@@ -273,7 +273,7 @@ def test_weight_gradients_summed_over_tokens_in_parts(tokens):
     """over_tokens splits long token runs into batched parts (plus a remainder): same sum as a^T b."""
     torch.manual_seed(0)
     a, b = torch.randn(tokens, 8), torch.randn(tokens, 24)
-    got = dt.methods.lora.over_tokens(a, b)
+    got = dt.methods.lora.layers.over_tokens(a, b)
     assert got.shape == (8, 24)
     assert torch.allclose(got, a.T @ b, atol=1e-4, rtol=1e-5)
 
@@ -298,8 +298,8 @@ def test_inference_over_many_tokens_merges_on_the_fly(monkeypatch, layer_type):
     model = nn.Sequential(layer)
     delta = dt.attach(model, dt.LoRA(r=4, alpha=8, targets=["0"]))
     calls = []
-    fused = dt.methods.lora.FusedLoRALinear.apply
-    monkeypatch.setattr(dt.methods.lora.FusedLoRALinear, "apply", lambda *a: calls.append(1) or fused(*a))
+    fused = dt.methods.lora.layers.FusedLoRALinear.apply
+    monkeypatch.setattr(dt.methods.lora.layers.FusedLoRALinear, "apply", lambda *a: calls.append(1) or fused(*a))
     long_x, short_x = torch.randn(2, 20, 16), torch.randn(1, 2, 16)  # 40 x 28 > 192 > 2 x 28 token-features
     with torch.no_grad():
         assert torch.equal(model(long_x), layer(long_x)) and not calls  # B = 0: bitwise the base layer

@@ -13,7 +13,8 @@ Detaching n from the graph is the paper's sec. 4.3 ("treat ||V + dV||_c as a con
 factors still get gradients, at LoRA's memory cost. With dropout active (training, p > 0) both W x and
 B A x read the dropped input, again as PEFT. Merging writes m / n * (W + s B A) into W and keeps m / n so
 that unmerge divides it back out (exact up to float rounding). The bias is neither scaled nor merged.
-These wrappers extend the LoRA ones (same A, B, init and PEFT names) and are chosen by lora.wrapper_class.
+These wrappers extend the LoRA ones (same A, B, init and PEFT names) and are chosen by ``wrapper_class``
+(methods/lora/__init__.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.inject import DeltaWrapper
-from ..core.merge_on_the_fly import folding_pays, linear_forward
-from ..core.targets import linear_types
-from .lora import LoRA, LoRAConv1D, LoRAEmbedding, LoRALinear
+from ...core.merge_on_the_fly import folding_pays, linear_forward
+from .config import LoRA
+from .layers import LoRAConv1D, LoRAEmbedding, LoRALinear
 
 
 def magnitude_over_norm(delta: DoRALinear | DoRAEmbedding) -> torch.Tensor:
@@ -181,12 +181,3 @@ class DoRAEmbedding(LoRAEmbedding):
 
     def extra_summary(self) -> str:
         return "dora"
-
-
-def dora_wrapper_class(layer: nn.Module) -> type[DeltaWrapper]:
-    """The DoRA wrapper for a base layer type (Conv1D checked first: it is not an nn.Linear)."""
-    if isinstance(layer, linear_types()[1]):
-        return DoRAConv1D
-    if isinstance(layer, nn.Embedding):
-        return DoRAEmbedding
-    return DoRALinear

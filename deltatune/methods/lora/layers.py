@@ -1,81 +1,22 @@
-"""LoRA: h = W x + (alpha / r) * B A x  (Hu et al., 2021, arXiv:2106.09685).
+"""LoRA's modules: h = W x + (alpha / r) * B A x  (Hu et al., 2021, arXiv:2106.09685).
 
 A starts random (Kaiming-uniform like nn.Linear, or Gaussian), B starts at zero, so the model is
-unchanged at attach time. ``rslora`` scales by alpha / sqrt(r) instead (Kalajdzievski, 2023,
-arXiv:2312.03732), which keeps the update's magnitude stable as r grows. Dropout acts on the LoRA
-path's input only. Works on nn.Linear, transformers' Conv1D (transposed weight) and nn.Embedding.
+unchanged at attach time. Dropout acts on the LoRA path's input only. Works on nn.Linear, transformers'
+Conv1D (transposed weight) and nn.Embedding. The config is in config.py, DoRA's wrappers in dora.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..auto.budget import RankAllocator, RankBudget
-from ..core import onednn
-from ..core.config import DeltaConfig
-from ..core.inject import Attachment, DeltaWrapper, wrap_module
-from ..core.merge_on_the_fly import folding_pays, linear_forward
-from ..core.recipe import Recipe
-from ..core.targets import Targets, find_targets, linear_types
-from .registry import register
-
-
-@dataclasses.dataclass
-class LoRA(DeltaConfig):
-    method = "lora"
-    recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
-
-    r: int = 8                   # rank: capacity, size and compute grow linearly with it
-    alpha: float = 16.0          # the update is scaled by alpha / r (or alpha / sqrt(r) with rslora)
-    dropout: float = 0.0         # dropout on the LoRA path's input only; regularises small datasets
-    targets: Targets = "all-linear"  # module suffixes, full names, "re:<regex>", or "all-linear"
-    layers: list[int] | None = None  # keep only these transformer blocks (None: all)
-    rslora: bool = False         # scale by alpha / sqrt(r): stable when sweeping large ranks
-    dora: bool = False           # DoRA: learn a per-output magnitude too (Liu et al., 2024); still mergeable
-    init: str = "kaiming"        # how A starts: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r)
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)     # per-module r overrides
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # per-module alpha overrides
-    # prune/reallocate rank during training down to a total budget (AdaLoRA-like; see deltatune/auto/budget.py)
-    adaptive: RankBudget | None = None
-
-    def __post_init__(self) -> None:
-        self.adaptive = RankBudget.coerce(self.adaptive)  # JSON/YAML give a dict
-        super().__post_init__()
-
-    def validate(self) -> None:
-        self._require(isinstance(self.r, int) and self.r > 0, "r", "a positive integer")
-        self._require(self.alpha > 0, "alpha", "> 0")
-        self._require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
-        self._require(self.init in ("kaiming", "gaussian"), "init", "'kaiming' or 'gaussian'")
-        self._require(all(isinstance(v, int) and v > 0 for v in self.rank_pattern.values()),
-                      "rank_pattern", "a mapping of module patterns to positive integers")
-        self._require(all(v > 0 for v in self.alpha_pattern.values()), "alpha_pattern",
-                      "a mapping of module patterns to positive numbers")
-        self._require(self.adaptive is None or isinstance(self.adaptive, RankBudget), "adaptive",
-                      "a dt.RankBudget or None")
-        if self.adaptive is not None:
-            self.adaptive.validate()
-
-    def rank_and_alpha(self, path: str) -> tuple[int, float]:
-        """r and alpha for one module, honouring rank_pattern / alpha_pattern (PEFT's key semantics)."""
-        return _lookup(self.rank_pattern, path, self.r), _lookup(self.alpha_pattern, path, self.alpha)
-
-    def scaling(self, r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if self.rslora else alpha / r
-
-
-def _lookup(pattern: dict, path: str, default):
-    r"""PEFT's semantics: key ``k`` (a name or regex) applies to a module whose path matches ``(.*\.)?k$``."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?(?:{key})$", path):
-            return value
-    return default
+from ...core import onednn
+from ...core.inject import DeltaWrapper
+from ...core.merge_on_the_fly import folding_pays, linear_forward
+from .config import LoRA
 
 
 class LoRALinear(DeltaWrapper):
@@ -279,31 +220,3 @@ def init_a(weight: nn.Parameter, how: str) -> None:
             nn.init.normal_(weight, std=1.0 / weight.shape[0])
         else:
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-
-
-def wrapper_class(layer: nn.Module, dora: bool = False) -> type[DeltaWrapper]:
-    """The LoRA (or DoRA) wrapper for a base layer type (Conv1D checked first: it is not an nn.Linear)."""
-    if dora:
-        from .dora import dora_wrapper_class  # imported here: dora.py builds on this file's wrappers
-
-        return dora_wrapper_class(layer)
-    linear, conv1d = linear_types()
-    if isinstance(layer, conv1d):
-        return LoRAConv1D
-    if isinstance(layer, nn.Embedding):
-        return LoRAEmbedding
-    return LoRALinear
-
-
-@register(LoRA)
-def attach(model: nn.Module, cfg: LoRA, att: Attachment) -> None:
-    for path in find_targets(model, cfg.targets, (*linear_types(), nn.Embedding), cfg.layers, "lora"):
-        r, alpha = cfg.rank_and_alpha(path)
-
-        def make(module: nn.Module, r: int = r, alpha: float = alpha) -> DeltaWrapper:
-            layer = module.base_layer() if isinstance(module, DeltaWrapper) else module
-            return wrapper_class(layer, cfg.dora)(module, r, alpha, cfg)
-
-        att.modules[path] = wrap_module(model, path, make)
-    if cfg.adaptive is not None:
-        att.controllers.append(RankAllocator(model, att, cfg.adaptive))

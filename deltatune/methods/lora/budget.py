@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..core.errors import ConfigError, StateError
-from ..core.inject import Attachment, remove_module
+from ...core.errors import ConfigError, StateError
+from ...core.inject import Attachment, remove_module
 
 logger = logging.getLogger(__name__)
 ADVANCE = ("optimizer", "manual")

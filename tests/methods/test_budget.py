@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltatune as dt
-from deltatune.auto.budget import Importance, allocate, budget_at, component_scores, rank_allocators
 from deltatune.core.config import config_from_dict
 from deltatune.core.inject import DeltaWrapper
 from deltatune.methods import config_classes
+from deltatune.methods.lora.budget import Importance, allocate, budget_at, component_scores, rank_allocators
 from tests.conftest import BUILDERS, batch, logits
 
 QKV = ["query", "key", "value"]
@@ -270,7 +270,7 @@ def test_conv1d_and_embedding_truncate_and_export(tmp_path, arch, targets):
 def test_early_finalize_prunes_to_target_with_a_warning(caplog):
     model, delta = adaptive_bert(target=12, start=5, end=40)
     train(model, delta, 8)
-    with caplog.at_level(logging.WARNING, logger="deltatune.auto.budget"):
+    with caplog.at_level(logging.WARNING, logger="deltatune.methods.lora.budget"):
         delta.finalize()
     assert "before its end step 40" in caplog.text
     assert rank_allocators(delta)[0].total_rank() == 12
@@ -304,24 +304,3 @@ def test_detach_removes_the_optimizer_hook():
         p.grad = torch.zeros_like(p)
     opt.step()
     assert allocator.history == []
-
-
-def test_the_training_loop_runs_a_budget_unchanged(tiny_task, tmp_path):
-    """deltatune train (its own AdamW, schedule, clipping, checkpoints) advances the budget through the
-    optimizer hook alone; the last checkpoint is the truncated LoRA and reloads with the same outputs."""
-    from transformers import AutoModelForSequenceClassification
-
-    from deltatune.train.config import load_config
-    from deltatune.train.jobs import train as train_job
-    from tests.auto.conftest import base_config
-
-    cfg = base_config(tiny_task, max_steps=30, learning_rate=0.03)
-    cfg["delta"] = [{"method": "lora", "r": 4, "targets": ["query", "key", "value"],
-                     "adaptive": {"target_total": 7, "start": 5, "end": 20}}]
-    summary = train_job(load_config(None, [(k, v) for k, v in cfg.items()] + [("output_dir", str(tmp_path / "run"))]))
-    assert summary["steps"] == 30 and summary["best_metric"] > 0.7  # still learns (chance: 0.5, 32 dev rows)
-    saved = json.loads((tmp_path / "run" / "last" / "delta_config.json").read_text())["methods"][0]["config"]
-    assert saved["adaptive"] is None and sum(saved["rank_pattern"].values()) == 7
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_task["model"])
-    delta = dt.load(model, tmp_path / "run" / "last")
-    assert sum(w.r for w in delta.attachments[0].wrappers().values()) == 7
