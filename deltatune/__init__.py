@@ -7,8 +7,6 @@
     dt.load(fresh_model, "runs/lora")
 """
 
-__version__ = "0.1.0"
-
 from .api import attach, detach, load, merge_and_save, recipe
 from .compose.algebra import combine
 from .compose.extract import extract_lora
@@ -31,6 +29,7 @@ from .core.lm_loss import FusedLMLoss, linear_cross_entropy
 from .core.onednn import disable as disable_onednn
 from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
+from .core.version import VERSION as __version__
 from .inspect import inspect
 from .interop.peft import export_peft, import_peft
 from .methods.adapter import Adapter

@@ -9,12 +9,12 @@ from pathlib import Path
 from torch import nn
 
 from .compose.presets import expand_configs
-from .core.checkpoint import atomic_directory, check_fingerprint, read_meta, read_tensors
+from .core.checkpoint import check_fingerprint, read_meta, read_tensors
 from .core.checkpoint import fingerprint as base_fingerprint
 from .core.config import DeltaConfig, config_from_dict
 from .core.delta import Delta, deltas_of, undo_attachment
 from .core.errors import AttachError, CheckpointError, ConfigError, StateError
-from .core.inject import Attachment, base_state_dict, named_base_parameters
+from .core.inject import Attachment, named_base_parameters
 from .core.recipe import Recipe, recipe_for
 from .core.targets import Targets, find_modules, find_task_heads
 from .methods import config_classes, method_for
@@ -155,21 +155,9 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
 def merge_and_save(delta: Delta, directory: str | os.PathLike, **save_kwargs) -> Path:
     """Write base + delta as a standalone model that plain ``from_pretrained`` loads (no deltatune needed).
 
-    The delta is merged for the write and returned to its previous state afterwards.
+    The delta is merged for the write and returned to its previous state afterwards (``Delta.save_merged``).
     """
-    model = delta.model
-    if not hasattr(model, "save_pretrained"):
-        raise StateError("merge_and_save needs a transformers PreTrainedModel (it writes with save_pretrained)")
-    was_merged = delta.is_merged
-    if not was_merged:
-        delta.merge()
-    try:
-        with atomic_directory(Path(directory)) as tmp:
-            model.save_pretrained(tmp, state_dict=base_state_dict(model), **save_kwargs)
-    finally:
-        if not was_merged:
-            delta.unmerge()
-    return Path(directory)
+    return delta.save_merged(directory, **save_kwargs)
 
 
 def recipe(*configs: DeltaConfig | Delta) -> Recipe:

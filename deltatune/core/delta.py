@@ -14,9 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import check_keys, save_checkpoint
+from .checkpoint import atomic_directory, check_keys, save_checkpoint
 from .errors import StateError
-from .inject import Attachment, DeltaWrapper, named_base_modules, named_base_parameters, remove_module
+from .inject import (
+    Attachment,
+    DeltaWrapper,
+    base_state_dict,
+    named_base_modules,
+    named_base_parameters,
+    remove_module,
+)
+from .version import VERSION
 
 TRAIN_PREFIX = "train:"
 
@@ -205,9 +213,7 @@ class Delta:
                     param.copy_(tensors[f"{att.slot}:{key}"])
 
     def metadata(self) -> dict[str, Any]:
-        from .. import __version__
-
-        return {"deltatune_version": __version__, "name": self.name,
+        return {"deltatune_version": VERSION, "name": self.name,
                 "methods": [{"slot": a.slot, "config": a.config.to_dict()} for a in self.attachments],
                 "train_modules": list(self.train_modules), "base_model": self.base_fingerprint}
 
@@ -219,10 +225,25 @@ class Delta:
         """
         self._check_attached("save")
         if merged:
-            from ..api import merge_and_save
-
-            return merge_and_save(self, directory)
+            return self.save_merged(directory)
         return save_checkpoint(directory, self.state_dict(), self.metadata())
+
+    def save_merged(self, directory: str | os.PathLike, **save_kwargs: Any) -> Path:
+        """Write base + delta as a standalone model that plain ``from_pretrained`` loads (no deltatune needed),
+        atomically. The delta is merged for the write and returned to its previous state afterwards."""
+        self._check_attached("save")
+        if not hasattr(self.model, "save_pretrained"):
+            raise StateError("merge_and_save needs a transformers PreTrainedModel (it writes with save_pretrained)")
+        was_merged = self.is_merged
+        if not was_merged:
+            self.merge()
+        try:
+            with atomic_directory(Path(directory)) as tmp:
+                self.model.save_pretrained(tmp, state_dict=base_state_dict(self.model), **save_kwargs)
+        finally:
+            if not was_merged:
+                self.unmerge()
+        return Path(directory)
 
     # -- detach --------------------------------------------------------------------------------------
     def detach(self) -> nn.Module:
