@@ -10,7 +10,6 @@
 from .api import attach, detach, load, merge_and_save, recipe
 from .compose.algebra import combine
 from .compose.extract import extract_lora
-from .compose.gates import Gates
 from .compose.named import activate, active, deactivate, deltas, load_all, save_all
 from .compose.presets import MAM, UniPELT
 from .compose.routing import route
@@ -34,6 +33,7 @@ from .inspect import inspect
 from .interop.peft import export_peft, import_peft
 from .methods.adapter import Adapter
 from .methods.bitfit import BitFit
+from .methods.gates import Gates
 from .methods.ia3 import IA3
 from .methods.ipt import IntrinsicPromptTuning, fit_intrinsic_subspace
 from .methods.lora import LoRA, RankBudget

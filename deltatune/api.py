@@ -8,7 +8,6 @@ from pathlib import Path
 
 from torch import nn
 
-from .compose.presets import expand_configs
 from .core.checkpoint import check_fingerprint, read_meta, read_tensors
 from .core.checkpoint import fingerprint as base_fingerprint
 from .core.config import DeltaConfig, config_from_dict
@@ -16,8 +15,9 @@ from .core.delta import Delta, deltas_of, undo_attachment
 from .core.errors import AttachError, CheckpointError, ConfigError, StateError
 from .core.inject import Attachment, named_base_parameters
 from .core.recipe import Recipe, recipe_for
+from .core.registry import config_classes, method_for
 from .core.targets import Targets, find_modules, find_task_heads
-from .methods import config_classes, method_for
+from .methods.gates import with_gates
 from .methods.train_modules import TrainModules
 
 DEFAULT_NAME = "default"
@@ -32,6 +32,18 @@ def _slots(configs: Sequence[DeltaConfig]) -> list[str]:
         seen[cfg.method] = n + 1
         slots.append(cfg.method if n == 0 else f"{cfg.method}_{n}")
     return slots
+
+
+def expand_configs(configs: Sequence[DeltaConfig | Sequence[DeltaConfig]],
+                   gates: bool | DeltaConfig = False) -> tuple[DeltaConfig, ...]:
+    """Flatten preset lists (``dt.MAM()``) into one tuple of configs and add the ``Gates`` config when asked for."""
+    flat: list[DeltaConfig] = []
+    for cfg in configs:
+        if isinstance(cfg, (list, tuple)):
+            flat.extend(expand_configs(cfg))
+        else:
+            flat.append(cfg)
+    return tuple(with_gates(flat, gates))
 
 
 def _check_request(model: nn.Module, configs: Sequence[DeltaConfig], name: str) -> None:
@@ -77,7 +89,7 @@ def attach(model: nn.Module, *configs: DeltaConfig | Sequence[DeltaConfig], name
     (``classifier``, ``score``, ...) and nothing on other models; ``None`` trains no whole module.
     The new delta becomes the active one. On any error the model is left exactly as it was. A config may
     be a preset's list of configs (``dt.MAM()``); ``gates=True`` (or a ``dt.Gates(...)``) adds a learned
-    per-layer gate per method (UniPELT, see compose/gates.py).
+    per-layer gate per method (UniPELT, see methods/gates.py).
 
     Raises:
         ConfigError: a config field is invalid. TargetError: targets match nothing usable.
