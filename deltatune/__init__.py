@@ -36,10 +36,14 @@ from .methods.bitfit import BitFit
 from .methods.gates import Gates
 from .methods.ia3 import IA3
 from .methods.ipt import IntrinsicPromptTuning, fit_intrinsic_subspace
+from .methods.loha import LoHa
+from .methods.lokr import LoKr
 from .methods.lora import LoRA, RankBudget
+from .methods.oft import OFT
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.train_modules import TrainModules
+from .methods.vera import VeRA
 
 __all__ = [
     "__version__",
@@ -51,7 +55,7 @@ __all__ = [
     "Gates", "UniPELT", "MAM",
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
-    "fit_intrinsic_subspace", "TrainModules",
+    "fit_intrinsic_subspace", "TrainModules", "VeRA", "LoHa", "LoKr", "OFT",
     # speed (core/onednn.py, core/lm_loss.py)
     "enable_onednn", "disable_onednn", "FusedLMLoss", "linear_cross_entropy",
     # types and errors

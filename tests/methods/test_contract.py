@@ -61,6 +61,11 @@ CASES = {
     "ipt": Case(lambda a: [dt.IntrinsicPromptTuning(num_tokens=4, intrinsic_dim=16)], "ipt", identity=False,
                 routable=False, lr=0.3, drop=0.999),
     "train_modules": Case(lambda a: [dt.TrainModules(modules=WHOLE_MODULE[a])], "train", mergeable=True),
+    # VeRA's b starts at 0 and its path is scaled by d = 0.1: like IA3 it needs a larger step to show in 8 steps
+    "vera": Case(lambda a: [dt.VeRA(r=16)], "vera", mergeable=True, lr=0.3),
+    "loha": Case(lambda a: [dt.LoHa(r=4, alpha=8)], "loha", mergeable=True),
+    "lokr": Case(lambda a: [dt.LoKr(r=4, alpha=8)], "lokr", mergeable=True),
+    "oft": Case(lambda a: [dt.OFT(block_size=8)], "oft", mergeable=True),
     "gates": Case(lambda a: [dt.LoRA(r=4, alpha=8), dt.Adapter(kind="pfeiffer", bottleneck=8), dt.Gates()],
                   "gates"),
 }
