@@ -91,7 +91,7 @@ def test_import_errors(tmp_path):
     pm = peft.get_peft_model(BUILDERS["bert"](), peft.IA3Config(target_modules=["key", "value", "output.dense"],
                                                                 feedforward_modules=["output.dense"]))
     pm.save_pretrained(tmp_path / "ia3")
-    with pytest.raises(dt.CheckpointError, match="only LORA"):
+    with pytest.raises(dt.CheckpointError, match="import_peft reads"):
         dt.import_peft(BUILDERS["bert"](), tmp_path / "ia3")
 
 
@@ -104,8 +104,13 @@ def test_import_onto_wrong_model_is_clear_and_clean(tmp_path):
     assert "0 delta(s)" in dt.inspect(model)
 
 
-def test_export_refuses_non_lora(tmp_path):
+def test_export_refuses_two_methods_and_methods_peft_lacks(tmp_path):
     model = BUILDERS["bert"]()
     delta = dt.attach(model, dt.LoRA(targets=["query"]), dt.LoRA(targets=["value"]))
-    with pytest.raises(dt.StateError, match="exactly one LoRA"):
+    with pytest.raises(dt.StateError, match="exactly one method"):
         dt.export_peft(delta, tmp_path / "p")
+    delta.detach()
+    delta = dt.attach(model, dt.Adapter(bottleneck=8), name="adapter")
+    with pytest.raises(dt.StateError, match="exactly one method of"):
+        dt.export_peft(delta, tmp_path / "p")
+    assert not (tmp_path / "p").exists()

@@ -96,6 +96,10 @@ class LoRALinear(DeltaWrapper):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
 
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """(A, B, r, alpha) of a plain LoRA against the original base weight, for export (PEFT)."""
+        return self.lora_A.detach(), self.lora_B.detach(), self.r, self.alpha
+
 
 class FusedLoRALinear(torch.autograd.Function):
     """y = x W^T + b + s (x_d A^T) B^T for a frozen W (given as ``weight_t`` = W^T, as Conv1D stores it),
@@ -214,6 +218,10 @@ class LoRAEmbedding(DeltaWrapper):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).T * self.scale
+
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """(A, B, r, alpha) for export (PEFT); an embedding LoRA always starts plain."""
+        return self.lora_A.detach(), self.lora_B.detach(), self.r, self.alpha
 
 
 def init_a(weight: nn.Parameter, how: str) -> None:
