@@ -45,6 +45,9 @@ class Case:
 CASES = {
     "lora": Case(lambda a: [dt.LoRA(r=4, alpha=8)], "lora", mergeable=True),
     "dora": Case(lambda a: [dt.LoRA(r=4, alpha=8, dora=True)], "lora", mergeable=True),
+    # PiSSA / OLoRA move s B0 A0 out of W at attach: unchanged within 1e-5, not bitwise (test_lora_inits.py)
+    "pissa": Case(lambda a: [dt.LoRA(r=4, alpha=8, init="pissa")], "lora", identity=False, mergeable=True),
+    "olora": Case(lambda a: [dt.LoRA(r=4, alpha=8, init="olora")], "lora", identity=False, mergeable=True),
     "houlsby": Case(lambda a: [dt.Adapter(kind="houlsby", bottleneck=8)], "adapter"),
     "pfeiffer": Case(lambda a: [dt.Adapter(kind="pfeiffer", bottleneck=8)], "adapter"),
     "parallel": Case(lambda a: [dt.Adapter(kind="parallel", bottleneck=8, scale=2.0)], "adapter"),

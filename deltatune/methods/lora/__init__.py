@@ -3,6 +3,7 @@
 - config.py: the ``LoRA`` config (rank, scaling, targets, DoRA, init, rank budget);
 - layers.py: the wrappers for Linear / Conv1D / Embedding and the fused training product;
 - dora.py: DoRA's wrappers (``dt.LoRA(dora=True)``), built on layers.py;
+- inits.py: PiSSA / OLoRA, which start A and B from W and leave the residual in the base weight;
 - budget.py: the adaptive rank budget (``dt.RankBudget``), which prunes and truncates these wrappers.
 This file picks a wrapper per layer and registers the attach rule.
 """
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.inject import Attachment, DeltaWrapper, wrap_module
+from ...core.errors import TargetError
+from ...core.inject import Attachment, DeltaWrapper, named_base_modules, wrap_module
 from ...core.layers import linear_types
 from ...core.registry import register
 from ...core.targets import find_targets
 from .budget import RankAllocator, RankBudget
 from .config import LoRA
 from .dora import DoRAConv1D, DoRAEmbedding, DoRALinear
+from .inits import RESIDUAL_INITS, keep_original_weight
 from .layers import LoRAConv1D, LoRAEmbedding, LoRALinear
 
 __all__ = ["LoRA", "RankBudget", "LoRALinear", "LoRAConv1D", "LoRAEmbedding", "DoRALinear", "DoRAConv1D",
@@ -36,7 +39,10 @@ def wrapper_class(layer: nn.Module, dora: bool = False) -> type[DeltaWrapper]:
 
 @register(LoRA)
 def attach(model: nn.Module, cfg: LoRA, att: Attachment) -> None:
-    for path in find_targets(model, cfg.targets, (*linear_types(), nn.Embedding), cfg.layers, "lora"):
+    paths = find_targets(model, cfg.targets, (*linear_types(), nn.Embedding), cfg.layers, "lora")
+    if cfg.init in RESIDUAL_INITS:
+        _keep_original_weights(model, paths, cfg.init, att)
+    for path in paths:
         r, alpha = cfg.rank_and_alpha(path)
 
         def make(module: nn.Module, r: int = r, alpha: float = alpha) -> DeltaWrapper:
@@ -46,3 +52,14 @@ def attach(model: nn.Module, cfg: LoRA, att: Attachment) -> None:
         att.modules[path] = wrap_module(model, path, make)
     if cfg.adaptive is not None:
         att.controllers.append(RankAllocator(model, att, cfg.adaptive))
+
+
+def _keep_original_weights(model: nn.Module, paths: list[str], how: str, att: Attachment) -> None:
+    """PiSSA / OLoRA rewrite W (inits.py): record every original first, so detach restores it bit for bit."""
+    layers = dict(named_base_modules(model))
+    embeddings = [p for p in paths if isinstance(layers[p], nn.Embedding)]
+    if embeddings:
+        raise TargetError(f"lora: init={how!r} works on Linear / Conv1D weights, not embeddings {embeddings[:3]}; "
+                          f"leave them out of targets or use init='kaiming'")
+    for path in paths:
+        keep_original_weight(layers[path], att)

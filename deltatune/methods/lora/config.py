@@ -14,6 +14,9 @@ from ...core.config import DeltaConfig
 from ...core.recipe import Recipe
 from ...core.targets import Targets
 from .budget import RankBudget
+from .inits import RESIDUAL_INITS
+
+INITS = ("kaiming", "gaussian", *RESIDUAL_INITS)
 
 
 @dataclasses.dataclass
@@ -29,7 +32,9 @@ class LoRA(DeltaConfig):
     layers: list[int] | None = None  # keep only these transformer blocks (None: all)
     rslora: bool = False         # scale by alpha / sqrt(r): stable when sweeping large ranks
     dora: bool = False           # DoRA: learn a per-output magnitude too (Liu et al., 2024); still mergeable
-    init: str = "kaiming"        # how A starts: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r)
+    # how A and B start: "kaiming" (A uniform, as nn.Linear; B = 0) or "gaussian" (A with std 1/r); "pissa" or
+    # "olora": from W's principal singular vectors / QR, W keeping the residual (inits.py: what happens to W)
+    init: str = "kaiming"
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)     # per-module r overrides
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # per-module alpha overrides
     # prune/reallocate rank during training down to a total budget (AdaLoRA-like; see methods/lora/budget.py)
@@ -43,7 +48,10 @@ class LoRA(DeltaConfig):
         self._require(isinstance(self.r, int) and self.r > 0, "r", "a positive integer")
         self._require(self.alpha > 0, "alpha", "> 0")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
-        self._require(self.init in ("kaiming", "gaussian"), "init", "'kaiming' or 'gaussian'")
+        self._require(self.init in INITS, "init", " or ".join(map(repr, INITS)))
+        if self.init in RESIDUAL_INITS:  # both rewrite W at attach; DoRA's magnitude and a rank budget assume not
+            self._require(not self.dora, "dora", f"False with init={self.init!r} (not supported together)")
+            self._require(self.adaptive is None, "adaptive", f"None with init={self.init!r} (not supported together)")
         self._require(all(isinstance(v, int) and v > 0 for v in self.rank_pattern.values()),
                       "rank_pattern", "a mapping of module patterns to positive integers")
         self._require(all(v > 0 for v in self.alpha_pattern.values()), "alpha_pattern",

@@ -17,6 +17,7 @@ from ...core import onednn
 from ...core.inject import DeltaWrapper
 from ...core.merge_on_the_fly import folding_pays, linear_forward
 from .config import LoRA
+from .inits import RESIDUAL_INITS, residual_factors
 
 
 class LoRALinear(DeltaWrapper):
@@ -38,13 +39,34 @@ class LoRALinear(DeltaWrapper):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype, device=weight.device))
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        init_a(self.lora_A, cfg.init)
+        self.rslora = cfg.rslora
+        self.residual = cfg.init in RESIDUAL_INITS
+        if self.residual:
+            self._start_from_weight(cfg.init)
+        else:
+            init_a(self.lora_A, cfg.init)
 
     @staticmethod
     def features(layer: nn.Module) -> tuple[int, int]:
         return layer.in_features, layer.out_features
 
+    @torch.no_grad()
+    def _start_from_weight(self, how: str) -> None:
+        """PiSSA / OLoRA (inits.py): A, B from W, and W <- W - s B0 A0; B0, A0 kept as buffers (not saved)."""
+        weight = self.base_layer().weight
+        conv1d = isinstance(self, LoRAConv1D)
+        a0, b0 = residual_factors(weight.T if conv1d else weight, self.r, self.scale, how)
+        self.lora_A.copy_(a0)
+        self.lora_B.copy_(b0)
+        self.register_buffer("init_A", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("init_B", self.lora_B.detach().clone(), persistent=False)
+        update = (b0 @ a0) * self.scale
+        weight.sub_((update.T if conv1d else update).to(weight.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual and not self.merged and (not self.active or self.sample_scale is not None
+                                                  or self.gate_scale is not None):
+            return self._residual_forward(x)
         if self.uses_delta and self._may_fuse(x):
             layer = self.base
             fold = folding_pays(x, layer) and not self._dropout_on()  # core/merge_on_the_fly.py: why and when
@@ -63,6 +85,16 @@ class LoRALinear(DeltaWrapper):
             flat.addmm_(hidden.reshape(-1, self.r), self.lora_B.T, alpha=self.scale)
             return out
         return out + self.scaled(F.linear(hidden, self.lora_B) * self.scale)
+
+    def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PiSSA / OLoRA switched off or routed: the base weight holds W - s B0 A0, so the original W x is
+        base(x) + s B0 A0 x, and what routing or a gate scales is the change s (B A x - B0 A0 x)."""
+        initial = F.linear(F.linear(x, self.init_A), self.init_B) * self.scale
+        out = self.base(x) + initial
+        if not self.active:
+            return out
+        trained = F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B) * self.scale
+        return out + self.scaled(trained - initial)
 
     def _may_add_in_place(self, out: torch.Tensor, hidden: torch.Tensor) -> bool:
         """In place only when nobody else sees ``out`` (no routing/gate scaling, no forward hooks on the base
@@ -97,8 +129,15 @@ class LoRALinear(DeltaWrapper):
         return (self.lora_B @ self.lora_A) * self.scale
 
     def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-        """(A, B, r, alpha) of a plain LoRA against the original base weight, for export (PEFT)."""
-        return self.lora_A.detach(), self.lora_B.detach(), self.r, self.alpha
+        """(A, B, r, alpha) of a plain LoRA against the original base weight, for export (PEFT).
+
+        PiSSA / OLoRA: W_res + s B A = W + s (B A - B0 A0), a LoRA of rank 2r with A' = [A; A0], B' = [B, -B0]
+        and alpha chosen so that the scale s is unchanged (x2 for alpha / r, x sqrt(2) for rslora's alpha / sqrt r)."""
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        if not self.residual:
+            return a, b, self.r, self.alpha
+        alpha = self.alpha * (math.sqrt(2.0) if self.rslora else 2.0)
+        return torch.cat([a, self.init_A]), torch.cat([b, -self.init_B], dim=1), 2 * self.r, alpha
 
 
 class FusedLoRALinear(torch.autograd.Function):
