@@ -159,3 +159,10 @@ def test_clear_refusals():
     with pytest.raises(dt.ConfigError, match="r must be <= min"):
         dt.attach(model, dt.LoRA(r=40, init="pissa", targets=["q_proj"]))
     assert torch.equal(logits(model), logits(BUILDERS["llama"]()))  # every refusal left the model as it was
+
+
+def test_combine_refuses_a_residual_init_and_points_to_the_plain_form(tmp_path):
+    model = BUILDERS["bert"]()
+    first = dt.attach(model, dt.LoRA(r=4, targets=["query"], init="pissa"), name="a")
+    with pytest.raises(dt.ConfigError, match="init='pissa', which rewrote the base weights"):
+        dt.combine([first], [1.0], name="sum")
