@@ -27,6 +27,9 @@ class Recipe:
     head_learning_rate: float = 1e-3    # for modules trained in full next to the delta (a new classifier head)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06          # share of the optimizer steps spent warming up (a rule, not a count)
+    # LoRA+ (Hayou et al., 2024, arXiv:2402.12354): LoRA's B matrices train at this multiple of learning_rate.
+    # 1.0 (off) until a measured sweep says otherwise; the paper recommends ~16
+    loraplus_ratio: float = 1.0
 
     def for_batch(self, global_batch: int) -> Recipe:
         """The rule for other batch sizes: below the reference batch of 16 both rates shrink with
@@ -60,4 +63,5 @@ def recipe_for(configs: Iterable[Any]) -> Recipe:
     return Recipe(learning_rate=min(r.learning_rate for r in recipes),
                   head_learning_rate=min(r.head_learning_rate for r in recipes),
                   weight_decay=max(r.weight_decay for r in recipes),
-                  warmup_ratio=max(r.warmup_ratio for r in recipes))
+                  warmup_ratio=max(r.warmup_ratio for r in recipes),
+                  loraplus_ratio=max(r.loraplus_ratio for r in recipes))

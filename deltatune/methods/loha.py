@@ -20,6 +20,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
 from ..core.layers import linear_types
+from ..core.recipe import Recipe
 from ..core.registry import register
 from ..core.structure import features
 from ..core.targets import Targets, find_targets
@@ -29,6 +30,7 @@ from ..core.targets import Targets, find_targets
 class LoHa(DeltaConfig):
     method = "loha"
     mergeable = True
+    recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # NOT measured yet: LoRA's measured rates
 
     r: int = 8                   # rank of each factor: the update's rank is up to r^2, its size 2 r (in + out)
     alpha: float = 8.0           # the update is scaled by alpha / r (PEFT's default alpha is 8)

@@ -22,6 +22,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
 from ..core.layers import linear_types
+from ..core.recipe import Recipe
 from ..core.registry import register
 from ..core.structure import features
 from ..core.targets import Targets, find_targets
@@ -31,6 +32,7 @@ from ..core.targets import Targets, find_targets
 class LoKr(DeltaConfig):
     method = "lokr"
     mergeable = True
+    recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # NOT measured yet: LoRA's measured rates
 
     r: int = 8                   # rank of W2 (and of W1 with decompose_both) when they are factored
     alpha: float = 8.0           # the update is scaled by alpha / r (PEFT's default alpha is 8)

@@ -29,6 +29,7 @@ from ..core.config import DeltaConfig
 from ..core.errors import TargetError
 from ..core.inject import Attachment, DeltaWrapper, named_base_modules, wrap_module
 from ..core.layers import linear_types
+from ..core.recipe import Recipe
 from ..core.registry import register
 from ..core.structure import features
 from ..core.targets import Targets, find_targets
@@ -38,6 +39,7 @@ from ..core.targets import Targets, find_targets
 class OFT(DeltaConfig):
     method = "oft"
     mergeable = True
+    recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # NOT measured yet: LoRA's measured rates
 
     block_size: int = 32         # rotated block width: in * (block_size - 1) / 2 trained numbers per layer
     targets: Targets = "all-linear"  # module suffixes, full names, "re:<regex>", or "all-linear"

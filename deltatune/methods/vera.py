@@ -25,6 +25,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, named_base_modules, wrap_module
 from ..core.layers import linear_types
+from ..core.recipe import Recipe
 from ..core.registry import register
 from ..core.structure import features
 from ..core.targets import Targets, find_targets
@@ -34,6 +35,9 @@ from ..core.targets import Targets, find_targets
 class VeRA(DeltaConfig):
     method = "vera"
     mergeable = True
+    # NOT measured yet (no BENCHMARKS.md row): VeRA's few vectors want a ~10x higher rate than LoRA's factors
+    # (the paper tunes them around 1e-2); the head keeps LoRA's measured rate
+    recipe = Recipe(learning_rate=1e-2, head_learning_rate=1e-3)
 
     r: int = 256                 # rank of the shared projections: costs 1 trained number per layer per unit
     targets: Targets = "all-linear"  # module suffixes, full names, "re:<regex>", or "all-linear"

@@ -93,6 +93,7 @@ class TrainConfig(Section):
     # None below: the method's measured recipe (core/recipe.py, docs/choosing.md), for the global batch
     learning_rate: PositiveFloat | None = None       # for the delta's parameters
     head_learning_rate: PositiveFloat | None = None  # for train_modules (e.g. a new classifier head)
+    loraplus_ratio: PositiveFloat | None = None      # LoRA+: LoRA's B matrices at this x learning_rate (1: off)
     weight_decay: NonNegativeFloat | None = None
     warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
     warmup_steps: NonNegativeInt | None = None       # overrides warmup_ratio
@@ -372,6 +373,8 @@ def fill_from_recipe(t: TrainConfig, recipe: Recipe) -> None:
         t.learning_rate = recipe.learning_rate
     if t.head_learning_rate is None:
         t.head_learning_rate = recipe.head_learning_rate
+    if t.loraplus_ratio is None:
+        t.loraplus_ratio = recipe.loraplus_ratio
     if t.weight_decay is None:
         t.weight_decay = recipe.weight_decay
     if t.warmup_ratio is None:

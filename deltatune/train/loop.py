@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..core.delta import Delta
 from ..core.errors import ConfigError, DeltaError
 from ..core.lm_loss import FusedLMLoss
+from ..methods.lora import LoRAEmbedding, LoRALinear
 from . import distributed
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
@@ -64,12 +65,27 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(delta: Delta, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with one group for the delta and one for ``train_modules`` (its own learning rate)."""
-    groups = {"delta": list(delta.parameters(whole_modules=False).values()),
-              "head": list(delta.parameters(whole_modules=True).values())}
-    lrs = {"delta": t.learning_rate, "head": t.head_learning_rate or t.learning_rate}
+    """AdamW with one group for the delta and one for ``train_modules`` (its own learning rate); with
+    ``loraplus_ratio`` != 1 LoRA's B matrices get a third group at that multiple of the delta's rate (LoRA+)."""
+    ratio = t.loraplus_ratio or 1.0
+    fast = loraplus_parameters(delta) if ratio != 1.0 else set()
+    own = list(delta.parameters(whole_modules=False).values())
+    groups = {"delta": [p for p in own if id(p) not in fast],
+              "head": list(delta.parameters(whole_modules=True).values()),
+              "lora_B": [p for p in own if id(p) in fast]}
+    lrs = {"delta": t.learning_rate, "head": t.head_learning_rate or t.learning_rate,
+           "lora_B": t.learning_rate * ratio}
     return torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
                              lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def loraplus_parameters(delta: Delta) -> set[int]:
+    """ids of the LoRA B matrices of ``delta`` (LoRA+ trains them faster), or a ConfigError when it has none."""
+    found = {id(w.lora_B) for w in delta.wrappers() if isinstance(w, (LoRALinear, LoRAEmbedding))}
+    if not found:
+        raise ConfigError(f"train.loraplus_ratio gives LoRA's B matrices a higher learning rate, but this delta has "
+                          f"no LoRA ({[c.method for c in delta.configs]}); remove loraplus_ratio or set it to 1")
+    return found
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -393,8 +409,9 @@ class Loop:
         record = {"type": "train", "step": p.step, "epoch": self._epoch_float(), "loss": w["loss"] / w["steps"],
                   "lr": lr, "examples_per_s": w["examples"] / w["seconds"], "tokens_per_s": w["tokens"] / w["seconds"],
                   "elapsed_s": round(p.elapsed_s, 2)}
-        if len(self.optimizer.param_groups) > 1:
-            record["head_lr"] = self.scheduler.get_last_lr()[1]
+        rates = {g["name"]: rate for g, rate in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(),
+                                                     strict=True)}
+        record.update({f"{name}_lr": rates[name] for name in ("head", "lora_B") if name in rates})
         if self.metrics is not None:
             self.metrics.write(record)
         if bar.disable and (p.step % max(1, self.total // 10) < self.t.log_every or p.step == self.total):
