@@ -42,6 +42,7 @@ from .methods.lora import LoRA, RankBudget
 from .methods.oft import OFT
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
+from .methods.sparse import SparseFT
 from .methods.train_modules import TrainModules
 from .methods.vera import VeRA
 
@@ -56,6 +57,7 @@ __all__ = [
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
     "fit_intrinsic_subspace", "TrainModules", "VeRA", "LoHa", "LoKr", "OFT",
+    "SparseFT",
     # speed (core/onednn.py, core/lm_loss.py)
     "enable_onednn", "disable_onednn", "FusedLMLoss", "linear_cross_entropy",
     # types and errors

@@ -69,6 +69,8 @@ CASES = {
     "loha": Case(lambda a: [dt.LoHa(r=4, alpha=8)], "loha", mergeable=True),
     "lokr": Case(lambda a: [dt.LoKr(r=4, alpha=8)], "lokr", mergeable=True),
     "oft": Case(lambda a: [dt.OFT(block_size=8)], "oft", mergeable=True),
+    "sparse": Case(lambda a: [dt.SparseFT(density=0.1)], "sparse", mergeable=True),
+    "sparse_random": Case(lambda a: [dt.SparseFT(density=0.1, select="random", seed=3)], "sparse", mergeable=True),
     "gates": Case(lambda a: [dt.LoRA(r=4, alpha=8), dt.Adapter(kind="pfeiffer", bottleneck=8), dt.Gates()],
                   "gates"),
 }
