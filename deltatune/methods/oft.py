@@ -50,13 +50,17 @@ class OFT(DeltaConfig):
 
 
 def cayley(upper: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Rotations (blocks, k, k) from upper-triangle entries (blocks, k (k - 1) / 2): (I - Q)(I + Q)^{-1}."""
+    """Rotations (blocks, k, k) from upper-triangle entries (blocks, k (k - 1) / 2): (I - Q)(I + Q)^{-1}.
+
+    Solved in float32 at least (the LU behind ``linalg.solve`` has no bf16 / fp16 kernels, and a rotation
+    rounded to bf16 is no longer orthogonal), returned in the entries' dtype."""
+    work = torch.promote_types(upper.dtype, torch.float32)
     rows, cols = torch.triu_indices(block_size, block_size, 1, device=upper.device)
-    skew = upper.new_zeros(upper.shape[0], block_size, block_size)
-    skew[:, rows, cols] = upper
+    skew = upper.new_zeros(upper.shape[0], block_size, block_size, dtype=work)
+    skew[:, rows, cols] = upper.to(work)
     skew = skew - skew.transpose(-2, -1)
-    eye = torch.eye(block_size, dtype=upper.dtype, device=upper.device).expand_as(skew)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False)  # X (I + Q) = I - Q
+    eye = torch.eye(block_size, dtype=work, device=upper.device).expand_as(skew)
+    return torch.linalg.solve(eye + skew, eye - skew, left=False).to(upper.dtype)  # X (I + Q) = I - Q
 
 
 class OFTLinear(DeltaWrapper):

@@ -9,7 +9,7 @@ import torch
 
 import deltatune as dt
 from deltatune.methods.oft import cayley
-from tests.conftest import BUILDERS, perturb
+from tests.conftest import BUILDERS, batch, perturb
 from tests.methods.peft_check import export_matches_peft, import_matches_peft
 
 peft = pytest.importorskip("peft")
@@ -80,3 +80,12 @@ def test_import_refuses_the_neumann_approximation(tmp_path):
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["use_cayley_neumann"] is True
     with pytest.raises(dt.CheckpointError, match="use_cayley_neumann"):
         dt.import_peft(BUILDERS["bert"](), tmp_path / "p")
+
+
+def test_bf16_model_rotates_trains_and_merges():
+    model = BUILDERS["llama"]().to(torch.bfloat16)
+    delta = dt.attach(model, dt.OFT(block_size=8, targets=["q_proj"]))
+    model(input_ids=batch(), labels=batch()).loss.backward()  # the solve runs in float32 (no bf16 LU on CPU)
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in delta.parameters().values())
+    delta.merge()
+    delta.unmerge()
