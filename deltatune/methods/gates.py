@@ -114,7 +114,7 @@ def _gateable(att: Attachment) -> dict[str, list[DeltaModule]]:
     groups: dict[str, list[DeltaModule]] = {}
     for path, module in att.modules.items():
         block = _block_of(path)
-        if block is None or not module.routable:
+        if block is None or not module.gateable:
             why = "it is outside the transformer layers" if block is None else "its effect cannot be scaled"
             log.warning("gates: %s on %s is not gated: %s", att.slot, path, why)
             continue
