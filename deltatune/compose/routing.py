@@ -51,7 +51,7 @@ class Routing:
         return f"Routing({self.names})"
 
 
-def _check_routable(delta: Delta) -> None:
+def check_routable(delta: Delta) -> None:
     for att in delta.attachments:
         blocked = [path for path, m in att.modules.items() if not m.routable]
         if blocked or att.existing:
@@ -80,7 +80,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Routing:
     used = [get_delta(model, n) for n in dict.fromkeys(n for n in names if n is not None)]
     check_switchable(model)
     for delta in used:
-        _check_routable(delta)
+        check_routable(delta)
     previous = snapshot(model)
     for delta in deltas_of(model).values():
         delta.set_active(delta in used)

@@ -32,6 +32,7 @@ from ..core.recipe import Recipe
 from ..core.registry import register
 
 INITS = "'random', 'vocab' or 'text:<words>'"
+PROMPTS = "_deltatune_prompts"  # model.__dict__ key: the prompt modules attached to the model
 
 
 @dataclasses.dataclass
@@ -138,7 +139,7 @@ def initial_prompt(model: nn.Module, cfg: DeltaConfig, generator: torch.Generato
 
 # -- the hooks ---------------------------------------------------------------------------------------
 
-def _cache_length(kwargs: dict) -> int:
+def cache_length(kwargs: dict) -> int:
     """Tokens already in the forward call's KV cache (``cache`` since transformers 5.24, ``past_key_values``
     before)."""
     past = next((kwargs[key] for key in ("cache", "past_key_values") if kwargs.get(key) is not None), None)
@@ -214,7 +215,7 @@ class _PromptHooks:
         if mask is not None and mask.dim() != 2:
             raise StateError(f"prompt tuning needs a 2D attention_mask (batch, length), got shape "
                              f"{tuple(mask.shape)}; a prepared 4D mask cannot be extended by the prompt")
-        if _cache_length(kwargs) > 0:
+        if cache_length(kwargs) > 0:
             self._continue(kwargs)  # the cache holds the prompt already
             return (), kwargs
         self.stack[-1] = self._insert_prompt(kwargs)
@@ -299,8 +300,12 @@ class _PromptHooks:
         kwargs["position_ids"] = pos + n * rows.view(-1, 1).to(pos.dtype)
         if cache_position is not None:
             kwargs["cache_position"] = cache_position + n
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = _insert_per_row(kwargs["attention_mask"], self.at, n, rows)
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # the model would attend to every cached slot: spell out the mask the caller left out
+            prompts = sum(s.num_tokens for s in self.model.__dict__.get(PROMPTS, []) if s.active)
+            width = cache_length(kwargs) - prompts + pos.shape[1]
+            mask = torch.ones(rows.shape[0], width, dtype=torch.long, device=pos.device)
+        kwargs["attention_mask"] = _insert_per_row(mask, self.at, n, rows)
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output):
         length = self.stack.pop() if self.stack else None
@@ -324,6 +329,9 @@ def install_prompt(model: nn.Module, source: DeltaModule, att: Attachment, leaf:
         raise AttachError(f"prompt tuning supports encoder-only and decoder-only models; {type(model).__name__} is "
                           f"an encoder-decoder model (config.is_encoder_decoder); use dt.PrefixTuning there")
     add_free_module(model, att, leaf, source)
+    sources = model.__dict__.setdefault(PROMPTS, [])  # every prompt on the model, for the routed cached steps
+    sources.append(source)
+    att.on_detach.append(lambda: sources.remove(source))
     hooks = _PromptHooks(model, source)
     att.hooks.append(model.register_forward_pre_hook(hooks.before, with_kwargs=True))
     # prepend: with several prompts (named deltas routed together) the last one in takes its slots out first

@@ -75,10 +75,13 @@ def test_prefix_prompt_and_lora_deltas_in_one_batch(arch):
     assert_rows_match(model, ["b", None, "c"])
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "no-mask"])
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_routed_cached_generation_equals_each_delta_alone(method):
+def test_routed_cached_generation_equals_each_delta_alone(method, padded):
     model = two_deltas("llama", MAKERS[method])
-    kwargs = {"input_ids": IDS, "attention_mask": MASK, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"input_ids": IDS, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    if padded:
+        kwargs["attention_mask"] = MASK
     alone = {}
     for name in set(NAMES):
         if name is None:
