@@ -12,6 +12,7 @@ from .compose.algebra import combine
 from .compose.extract import extract_lora
 from .compose.named import activate, active, deactivate, deltas, load_all, save_all
 from .compose.presets import MAM, UniPELT
+from .compose.router import Router, attach_router, load_router
 from .compose.routing import route
 from .core.delta import Delta
 from .core.errors import (
@@ -52,6 +53,7 @@ __all__ = [
     "attach", "detach", "load", "merge_and_save", "recipe", "inspect", "export_peft", "import_peft",
     # named deltas, routing, algebra (compose/)
     "activate", "active", "deactivate", "deltas", "route", "save_all", "load_all", "combine", "extract_lora",
+    "attach_router", "load_router", "Router",
     # combinations: gates and presets (compose/)
     "Gates", "UniPELT", "MAM",
     # methods

@@ -96,7 +96,7 @@ def parse_candidates(section: Any) -> dict[str, list[dict[str, Any]]]:
             raise ConfigError(f"race.candidates.{name} must be a method mapping ({{method: lora, r: 8}}) or a list")
         for entry in entries:
             try:
-                config_from_dict(entry, config_classes(listed_only=True))
+                config_from_dict(entry, config_classes())
             except (ConfigError, TypeError) as e:
                 raise ConfigError(f"race.candidates.{name}: {e}") from None
         out[str(name)] = [dict(e) for e in entries]

@@ -268,7 +268,7 @@ def _options(settings: SearchSettings, section: dict[str, Any]) -> None:
 
 
 def _check_param(param: Param, settings: SearchSettings, base: dict[str, Any]) -> None:
-    methods = config_classes(listed_only=True)
+    methods = config_classes()
     where = f"search.space.{param.name}"
     if param.name == "method":
         bad = [m for m in param.probes() if m not in methods]

@@ -5,12 +5,13 @@ of its modules a 0/1 mask over the batch (``sample_scale``); modules multiply th
 ``DeltaModule.scaled``. Sample i then sees base + its own delta only, and gets exactly what that delta
 gives alone (the other deltas add ``0 * delta``). ``None`` routes a sample to the base model.
 
-Works for every method whose modules are ``routable`` (their whole effect goes through ``scaled``: LoRA
-and the other wrappers, gates). Methods that change the sequence itself (prefix / prompt tuning add
-tokens whose attention weight a mask cannot remove exactly) are refused with a StateError; run those
-samples with ``dt.active`` instead. The routing lasts until ``dt.activate`` / ``dt.deactivate``, or the
-end of a ``with dt.route(...):`` block, which restores the previous state. The batch size must then equal
-the number of names (generation with beam search or sampling several sequences changes it).
+Works for every method whose modules are ``routable``: the additive wrappers pass their effect through
+``scaled``; prefix and prompt tuning mask their slots out of the other samples' attention (methods/prefix.py,
+methods/prompt.py). A delta with a module that is not routable, or that trains base tensors in place
+(BitFit), is refused with a StateError; run those samples with ``dt.active`` instead. The routing lasts
+until ``dt.activate`` / ``dt.deactivate``, or the end of a ``with dt.route(...):`` block, which restores the
+previous state. The batch size must then equal the number of names (generation with beam search or sampling
+several sequences changes it).
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ class Routing:
         return f"Routing({self.names})"
 
 
-def _check_routable(delta: Delta) -> None:
+def check_routable(delta: Delta) -> None:
     for att in delta.attachments:
         blocked = [path for path, m in att.modules.items() if not m.routable]
         if blocked or att.existing:
             where = blocked[:2] or list(att.existing)[:2]
             raise StateError(f"per-sample routing is not supported for {att.config.method} (delta {delta.name!r}, "
                              f"on {where}): its effect cannot be switched per sample. Route deltas made of "
-                             f"routable methods (LoRA, adapters, IA3, ...), or run these samples with "
+                             f"routable methods (LoRA, adapters, IA3, prefix, prompt, ...), or run these samples with "
                              f"dt.active(model, {delta.name!r})")
 
 
@@ -79,7 +80,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Routing:
     used = [get_delta(model, n) for n in dict.fromkeys(n for n in names if n is not None)]
     check_switchable(model)
     for delta in used:
-        _check_routable(delta)
+        check_routable(delta)
     previous = snapshot(model)
     for delta in deltas_of(model).values():
         delta.set_active(delta in used)

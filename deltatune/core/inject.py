@@ -50,6 +50,12 @@ class DeltaModule(nn.Module):
 
     routable: bool = False
 
+    @property
+    def gateable(self) -> bool:
+        """Whether a continuous multiplier (gates' ``gate_scale``) scales the effect: true for deltas added through
+        ``scaled``; a module that can only be switched per sample (prefix slots, prompts) sets it False."""
+        return self.routable
+
     def __init__(self) -> None:
         super().__init__()
         self.active = True

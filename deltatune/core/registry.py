@@ -4,7 +4,7 @@ A method file under ``deltatune/methods/`` defines a ``DeltaConfig`` subclass an
 with ``@register(Config)``; importing ``deltatune.methods`` imports every method file, so adding a method is
 adding a file. The registry lives in the core so that the core can answer questions about methods (which
 are mergeable, which names users may write) without importing them; what it answers comes from the config
-classes' own declarations (``DeltaConfig.listed``, ``.mergeable``, ``.trains_whole_modules``).
+classes' own declarations (``DeltaConfig.mergeable``, ``.trains_whole_modules``).
 """
 
 from __future__ import annotations
@@ -50,17 +50,17 @@ def register(config_cls: type[DeltaConfig], sees_delta: bool = False) -> Callabl
 def method_for(config: DeltaConfig) -> Method:
     if not isinstance(config, DeltaConfig) or config.method not in METHODS:
         raise ConfigError(f"{config!r} is not a delta method config; use one of "
-                          f"{sorted(m.config.__name__ for m in METHODS.values() if m.config.listed)} "
+                          f"{sorted(m.config.__name__ for m in METHODS.values())} "
                           f"(e.g. dt.LoRA(r=8))")
     return METHODS[config.method]
 
 
-def config_classes(listed_only: bool = False) -> dict[str, type[DeltaConfig]]:
-    """Config class by method name: every registered one (what a checkpoint may hold), or with
-    ``listed_only`` those users name themselves (not ``train``/``gates``, which attach adds for them)."""
-    return {name: m.config for name, m in METHODS.items() if m.config.listed or not listed_only}
+def config_classes() -> dict[str, type[DeltaConfig]]:
+    """Config class by method name (``train`` and ``gates`` included: a YAML ``delta`` list may name them, for
+    full / head-only fine-tuning and for gates over the other methods)."""
+    return {name: m.config for name, m in METHODS.items()}
 
 
 def mergeable_methods() -> list[str]:
     """Names of the methods ``Delta.merge`` can fold into the base weights, for messages."""
-    return sorted(name for name, m in METHODS.items() if m.config.mergeable and m.config.listed)
+    return sorted(name for name, m in METHODS.items() if m.config.mergeable)

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Gates(DeltaConfig):
     method = "gates"
-    listed = False  # added by attach(..., gates=True) or a dt.Gates(...) config, not named in a delta list
 
     init: float = 0.5                  # gate value at step 0 (w = 0, b = logit(init)); 1.0 would be ungated
     methods: list[str] | None = None   # slots to gate ("lora", "adapter", ...); None: every method in a layer
@@ -114,7 +113,7 @@ def _gateable(att: Attachment) -> dict[str, list[DeltaModule]]:
     groups: dict[str, list[DeltaModule]] = {}
     for path, module in att.modules.items():
         block = _block_of(path)
-        if block is None or not module.routable:
+        if block is None or not module.gateable:
             why = "it is outside the transformer layers" if block is None else "its effect cannot be scaled"
             log.warning("gates: %s on %s is not gated: %s", att.slot, path, why)
             continue

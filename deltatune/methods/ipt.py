@@ -69,7 +69,11 @@ def _digest(offset: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 class IntrinsicPrompt(DeltaModule):
     """prompt = (offset + z @ basis).view(num_tokens, hidden). Only z is a parameter; offset and basis are
-    frozen buffers that follow ``.to()`` but are not in the model's state_dict."""
+    frozen buffers that follow ``.to()`` but are not in the model's state_dict. Routable per sample like a soft
+    prompt (prompt.py: the hooks mask its slots out of the other samples)."""
+
+    routable = True
+    gateable = False
 
     def __init__(self, offset: torch.Tensor, basis: torch.Tensor, num_tokens: int, like: torch.Tensor) -> None:
         super().__init__()

@@ -66,6 +66,9 @@ class PrefixEncoder(DeltaModule):
     Linear(width, hidden) -> tanh -> Linear(hidden, sum of the layers' 2 * kv_heads * head_dim).
     """
 
+    routable = True  # it only produces the prefixes; each layer's PrefixKV is masked per sample
+    gateable = False
+
     def __init__(self, num_tokens: int, width: int, hidden: int, sizes: list[int], like: torch.Tensor) -> None:
         super().__init__()
         kw = {"dtype": like.dtype, "device": like.device}
@@ -108,7 +111,14 @@ class PrefixKV(DeltaModule):
 
     Plain: two parameters. Reparameterised: computed from the shared ``PrefixEncoder`` (held by reference,
     not as a child: it lives once in the model) until ``fold`` turns them into parameters.
+
+    Routable per sample, exactly: a sample routed elsewhere gets -inf (a False) on these slots in the attention
+    mask, so softmax gives them weight 0 and the sample sees what it would see without them. Not gateable: a
+    continuous gate has no exact meaning for keys inside a softmax.
     """
+
+    routable = True
+    gateable = False
 
     def __init__(self, shape: tuple[int, int, int], like: torch.Tensor, encoder: PrefixEncoder | None = None,
                  index: int = 0) -> None:
@@ -171,31 +181,63 @@ def _inner_attention(module: nn.Module, base: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _widen_mask(mask: torch.Tensor | None, n: int, query: torch.Tensor, kv_length: int, causal: bool,
-                base: str) -> torch.Tensor | None:
-    """Let every query see the ``n`` prefix slots in front of the ``kv_length`` real keys.
+def _widen_mask(mask: torch.Tensor | None, visible: torch.Tensor, query: torch.Tensor, kv_length: int,
+                causal: bool, base: str) -> torch.Tensor | None:
+    """Put the prefix slots in front of the ``kv_length`` real keys' mask.
 
-    None stays None (no mask needed) unless sdpa would have applied ``is_causal``: that flag aligns the
-    causal triangle to the top-left, which a longer key sequence would break, so the triangle is built here.
+    ``visible`` is (slots,) when every sample sees every slot, or (batch, slots) with per-sample routing.
+    None stays None (no mask needed) when every slot is visible, unless sdpa would have applied ``is_causal``:
+    that flag aligns the causal triangle to the top-left, which a longer key sequence would break, so the
+    triangle is built here. Eager attention adds its mask to the scores, so a mask built here is additive.
     """
-    q_length = query.shape[2]
+    batch, q_length = query.shape[0], query.shape[2]
     if mask is None:
-        if base != "sdpa" or not causal or q_length == 1:
+        if visible.dim() == 1 and (base != "sdpa" or not causal or q_length == 1):
             return None
-        mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril().view(1, 1, q_length, -1)
-    if mask.dtype == torch.bool:
-        front = mask.new_ones(*mask.shape[:-1], n)
-    else:
-        front = mask.new_zeros(*mask.shape[:-1], n)  # additive float mask: 0 = attend
+        allowed = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
+        if causal and q_length > 1:
+            allowed = allowed.tril(kv_length - q_length)
+        mask = allowed.view(1, 1, q_length, kv_length)
+        if base == "eager":
+            mask = _additive(mask, query.dtype)
+    visible = visible.view(-1, 1, 1, visible.shape[-1])
+    if visible.shape[0] > 1:
+        mask = mask.expand(batch, *mask.shape[1:])
+    front = visible.expand(mask.shape[0], mask.shape[1], q_length, visible.shape[-1])
+    front = front if mask.dtype == torch.bool else _additive(front, mask.dtype)
     return torch.cat([front, mask], dim=-1)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as an additive one: 0 where allowed, the dtype's minimum (as transformers uses) elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _visible_slots(prefixes: list[PrefixKV], batch: int) -> torch.Tensor:
+    """Which prefix slots each sample sees: (slots,) all True, or (batch, slots) when some prefix is routed
+    per sample (``dt.route`` sets its ``sample_scale`` to a 0/1 mask over the batch)."""
+    parts = []
+    for prefix in prefixes:
+        scale = prefix.sample_scale
+        if scale is None:
+            parts.append(torch.ones(prefix.num_tokens, dtype=torch.bool, device=prefix.anchor.device))
+            continue
+        if scale.shape[0] != batch or not bool(((scale == 0) | (scale == 1)).all()):
+            raise StateError(f"a prefix can be routed per sample with a 0/1 mask of one value per sample; got "
+                             f"{tuple(scale.shape)} for a batch of {batch} (give dt.route one name per sample)")
+        parts.append(scale.bool().view(-1, 1).expand(batch, prefix.num_tokens))
+    if all(p.dim() == 1 for p in parts):
+        return torch.cat(parts)
+    return torch.cat([p.expand(batch, -1) if p.dim() == 1 else p for p in parts], dim=1)
 
 
 def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, **kwargs):
     """Registered as "deltatune_prefix_<base>": prepend ``module``'s active prefixes, then run <base>."""
     base = BASE_OF[module.config._attn_implementation]
-    prefixes = [m.key_value() for m in module.children() if isinstance(m, PrefixKV) and m.active]
-    if prefixes:
+    modules = [m for m in module.children() if isinstance(m, PrefixKV) and m.active]
+    if modules:
+        prefixes = [m.key_value() for m in modules]
         pk, pv = torch.cat([k for k, _ in prefixes], dim=1), torch.cat([v for _, v in prefixes], dim=1)
         if (pk.shape[0], pk.shape[2]) != (key.shape[1], key.shape[3]):
             raise StateError(f"prefix of {type(module).__name__} has {pk.shape[0]} heads x {pk.shape[2]} dims but "
@@ -203,7 +245,8 @@ def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                              f"not supported by prefix tuning")
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
-        attention_mask = _widen_mask(attention_mask, pk.shape[1], query, key.shape[2], causal, base)
+        visible = _visible_slots(modules, key.shape[0])
+        attention_mask = _widen_mask(attention_mask, visible, query, key.shape[2], causal, base)
         bias = kwargs.get("position_bias")
         if isinstance(bias, torch.Tensor):  # T5-style relative bias: the prefix slots get none
             kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], pk.shape[1]), bias], dim=-1)

@@ -32,6 +32,7 @@ from ..core.recipe import Recipe
 from ..core.registry import register
 
 INITS = "'random', 'vocab' or 'text:<words>'"
+PROMPTS = "_deltatune_prompts"  # model.__dict__ key: the prompt modules attached to the model
 
 
 @dataclasses.dataclass
@@ -66,7 +67,15 @@ class PromptSource(Protocol):
 
 
 class SoftPrompt(DeltaModule):
-    """``num_tokens`` trainable vectors in the input-embedding space."""
+    """``num_tokens`` trainable vectors in the input-embedding space.
+
+    Routable per sample, exactly (``dt.route``): every sample's sequence gets the prompt slots, but a sample
+    routed elsewhere has them masked out and its real tokens keep the positions they have without a prompt, so
+    it computes what it would alone. Not gateable: a prompt cannot be scaled continuously.
+    """
+
+    routable = True
+    gateable = False
 
     def __init__(self, init: torch.Tensor) -> None:
         super().__init__()
@@ -130,7 +139,7 @@ def initial_prompt(model: nn.Module, cfg: DeltaConfig, generator: torch.Generato
 
 # -- the hooks ---------------------------------------------------------------------------------------
 
-def _cache_length(kwargs: dict) -> int:
+def cache_length(kwargs: dict) -> int:
     """Tokens already in the forward call's KV cache (``cache`` since transformers 5.24, ``past_key_values``
     before)."""
     past = next((kwargs[key] for key in ("cache", "past_key_values") if kwargs.get(key) is not None), None)
@@ -139,6 +148,13 @@ def _cache_length(kwargs: dict) -> int:
     if not hasattr(past, "get_seq_length"):
         raise StateError(f"prompt tuning needs the KV cache as a transformers Cache, got {type(past).__name__}")
     return int(past.get_seq_length())
+
+
+def _batch_of(kwargs: dict) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    raise StateError("prompt tuning found neither input_ids nor inputs_embeds in the model's inputs")
 
 
 def _insert(tensor: torch.Tensor, at: int, n: int, value: int) -> torch.Tensor:
@@ -153,6 +169,13 @@ def _insert_positions(pos: torch.Tensor, at: int, n: int) -> torch.Tensor:
     start = pos[..., at - 1:at] + 1 if at else torch.zeros_like(pos[..., :1])
     virtual = start + torch.arange(n, device=pos.device, dtype=pos.dtype)
     return torch.cat([pos[..., :at], virtual, pos[..., at:] + n], dim=-1)
+
+
+def _insert_per_row(tensor: torch.Tensor, at: int, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """A 2D mask (batch, length) with ``n`` columns inserted before ``at``: 1 in the ``rows`` routed to the
+    prompt, 0 (masked out) in the others."""
+    fill = rows.to(tensor.dtype).view(-1, 1).expand(-1, n)
+    return torch.cat([tensor[:, :at], fill, tensor[:, at:]], dim=1)
 
 
 def _drop_virtual(value: torch.Tensor, at: int, n: int, length: int) -> torch.Tensor:
@@ -192,7 +215,7 @@ class _PromptHooks:
         if mask is not None and mask.dim() != 2:
             raise StateError(f"prompt tuning needs a 2D attention_mask (batch, length), got shape "
                              f"{tuple(mask.shape)}; a prepared 4D mask cannot be extended by the prompt")
-        if _cache_length(kwargs) > 0:
+        if cache_length(kwargs) > 0:
             self._continue(kwargs)  # the cache holds the prompt already
             return (), kwargs
         self.stack[-1] = self._insert_prompt(kwargs)
@@ -209,24 +232,80 @@ class _PromptHooks:
         prompt = self.source.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], dim=1)
-        for key, value in (("attention_mask", 1), ("token_type_ids", 0)):
-            if kwargs.get(key) is not None:
-                kwargs[key] = _insert(kwargs[key], at, n, value)
+        rows = self._routed_rows(batch)
+        if rows is not None:  # the mask and the positions then differ per row
+            self._route_rows(kwargs, rows, batch, length, embeds.device)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = _insert(kwargs["token_type_ids"], at, n, 0)
         labels = kwargs.get("labels")
         if labels is not None and labels.dim() == 2 and labels.shape[1] == length and not labels.is_floating_point():
             kwargs["labels"] = _insert(labels, at, n, -100)  # token-level labels; sequence labels stay as they are
-        for key in ("position_ids", "cache_position"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = _insert_positions(kwargs[key], at, n)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = _insert_positions(kwargs["cache_position"], at, n)
+        if rows is None:
+            if kwargs.get("attention_mask") is not None:
+                kwargs["attention_mask"] = _insert(kwargs["attention_mask"], at, n, 1)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = _insert_positions(kwargs["position_ids"], at, n)
         return length
 
+    def _routed_rows(self, batch: int) -> torch.Tensor | None:
+        """(batch,) bool: the samples ``dt.route`` sends through this prompt, or None when not routed."""
+        scale = self.source.sample_scale
+        if scale is None:
+            return None
+        if scale.shape[0] != batch or not bool(((scale == 0) | (scale == 1)).all()):
+            raise StateError(f"a prompt can be routed per sample with a 0/1 mask of one value per sample; got "
+                             f"{tuple(scale.shape)} for a batch of {batch} (give dt.route one name per sample)")
+        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+            raise StateError(f"per-sample routing of a prompt sets each sample's position_ids, which "
+                             f"{type(self.model).__name__}.forward does not take; run these samples with dt.active")
+        return scale.bool()
+
+    def _route_rows(self, kwargs: dict, rows: torch.Tensor, batch: int, length: int, device: torch.device) -> None:
+        """Routed prefill: mask the prompt slots out of the other rows, and give each row explicit positions:
+        the prompt's rows number on past the prompt (as alone with it), the others keep the positions they have
+        without it (``arange``, as the models' own default), so both compute what they would alone."""
+        at, n = self.at, self.source.num_tokens
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask
+        kwargs["attention_mask"] = _insert_per_row(mask, at, n, rows)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(length, device=device).expand(batch, -1)
+        pos = pos.expand(batch, -1)
+        kwargs["position_ids"] = torch.where(rows.view(-1, 1), _insert_positions(pos, at, n), _insert(pos, at, n, 0))
+
     def _continue(self, kwargs: dict) -> None:
+        """A cached step: the cache holds the prompt slots already; the mask gets them again, positions move on."""
         n = self.source.num_tokens
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = _insert(kwargs["attention_mask"], self.at, n, 1)
+        mask = kwargs.get("attention_mask")
+        rows = self._routed_rows(mask.shape[0] if mask is not None else _batch_of(kwargs))
+        if rows is not None:
+            self._continue_routed(kwargs, rows, n)
+            return
+        if mask is not None:
+            kwargs["attention_mask"] = _insert(mask, self.at, n, 1)
         for key in ("position_ids", "cache_position"):
             if kwargs.get(key) is not None:
                 kwargs[key] = kwargs[key] + n
+
+    def _continue_routed(self, kwargs: dict, rows: torch.Tensor, n: int) -> None:
+        """Only the rows routed to the prompt move their positions on by ``n``; the cache index moves for all."""
+        pos, cache_position = kwargs.get("position_ids"), kwargs.get("cache_position")
+        if pos is None:
+            if cache_position is None:
+                raise StateError("a routed prompt needs position_ids or cache_position in cached generation")
+            pos = cache_position.view(1, -1).expand(rows.shape[0], -1)
+        kwargs["position_ids"] = pos + n * rows.view(-1, 1).to(pos.dtype)
+        if cache_position is not None:
+            kwargs["cache_position"] = cache_position + n
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # the model would attend to every cached slot: spell out the mask the caller left out
+            prompts = sum(s.num_tokens for s in self.model.__dict__.get(PROMPTS, []) if s.active)
+            width = cache_length(kwargs) - prompts + pos.shape[1]
+            mask = torch.ones(rows.shape[0], width, dtype=torch.long, device=pos.device)
+        kwargs["attention_mask"] = _insert_per_row(mask, self.at, n, rows)
 
     def after(self, model: nn.Module, args: tuple, kwargs: dict, output):
         length = self.stack.pop() if self.stack else None
@@ -250,9 +329,13 @@ def install_prompt(model: nn.Module, source: DeltaModule, att: Attachment, leaf:
         raise AttachError(f"prompt tuning supports encoder-only and decoder-only models; {type(model).__name__} is "
                           f"an encoder-decoder model (config.is_encoder_decoder); use dt.PrefixTuning there")
     add_free_module(model, att, leaf, source)
+    sources = model.__dict__.setdefault(PROMPTS, [])  # every prompt on the model, for the routed cached steps
+    sources.append(source)
+    att.on_detach.append(lambda: sources.remove(source))
     hooks = _PromptHooks(model, source)
     att.hooks.append(model.register_forward_pre_hook(hooks.before, with_kwargs=True))
-    att.hooks.append(model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True))
+    # prepend: with several prompts (named deltas routed together) the last one in takes its slots out first
+    att.hooks.append(model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True, prepend=True))
 
 
 @register(PromptTuning)

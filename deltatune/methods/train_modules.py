@@ -26,7 +26,6 @@ from ..core.targets import find_modules
 @dataclasses.dataclass
 class TrainModules(DeltaConfig):
     method = "train"
-    listed = False  # added by attach(..., train_modules=...), not named in a delta list
     mergeable = True  # merging writes the trained copy into the original
     trains_whole_modules = True
     recipe = Recipe(learning_rate=1e-2, head_learning_rate=1e-2)  # measured: BENCHMARKS.md "Defaults"

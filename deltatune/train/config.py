@@ -311,9 +311,9 @@ def format_errors(error: ValidationError, where: str) -> str:
 
 
 def _method_config(index: int, entry: dict[str, Any]) -> DeltaConfig:
-    """One ``delta`` entry as its method config; only methods users name are known here (not ``train``)."""
+    """One ``delta`` entry as its method config."""
     try:
-        return config_from_dict(entry, config_classes(listed_only=True))
+        return config_from_dict(entry, config_classes())
     except ConfigError as e:
         raise ConfigError(f"delta[{index}]: {e}") from None
 

@@ -122,14 +122,13 @@ def test_routing_mixes_method_families(arch):
         assert torch.allclose(mixed[i], outs[name][i], atol=1e-6), (i, name)
 
 
-def test_prompt_and_prefix_deltas_cannot_be_routed():
+def test_deltas_that_cannot_be_switched_per_sample_are_refused():
+    """BitFit trains the base's own biases in place: no sample can be given the base without them. (Prefix and
+    prompt deltas are routable: test_routing_prefix_prompt.py.)"""
     model = BUILDERS["bert"]()
     dt.attach(model, dt.LoRA(r=2, targets=["query"]), name="lora", train_modules=None)
-    dt.attach(model, dt.PrefixTuning(num_tokens=2), name="prefix", train_modules=None)
-    dt.attach(model, dt.PromptTuning(num_tokens=2), name="prompt", train_modules=None)
-    with pytest.raises(dt.StateError, match=r"not supported for prefix .*dt.active\(model, 'prefix'\)"):
-        dt.route(model, ["lora", "prefix"])
-    with pytest.raises(dt.StateError, match="not supported for prompt"):
-        dt.route(model, ["prompt", "lora"])
+    dt.attach(model, dt.BitFit(), name="bias", train_modules=None)
+    with pytest.raises(dt.StateError, match=r"not supported for bitfit .*dt.active\(model, 'bias'\)"):
+        dt.route(model, ["lora", "bias"])
     with dt.route(model, ["lora", None]):  # the others are simply switched off
         assert torch.allclose(logits(model, IDS[:2])[1], logits(BUILDERS["bert"](), IDS[:2])[1], atol=1e-6)

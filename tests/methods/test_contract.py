@@ -55,14 +55,13 @@ CASES = {
     "bitfit": Case(lambda a: [dt.BitFit()], "bitfit", mergeable=True, routable=False, archs=("bert", "gpt2")),
     # IA3 moves vectors that start at 1 by ~lr per Adam step: it needs a larger step to show in 8 steps
     "ia3": Case(lambda a: [dt.IA3()], "ia3", mergeable=True, lr=0.3),
-    # prefix / prompt tokens change attention at attach (not identity) and cannot be masked per sample yet
-    "prefix": Case(lambda a: [dt.PrefixTuning(num_tokens=4)], "prefix", identity=False, routable=False, lr=0.1),
+    # prefix / prompt tokens change attention at attach (not identity); routed per sample by masking their slots
+    "prefix": Case(lambda a: [dt.PrefixTuning(num_tokens=4)], "prefix", identity=False, lr=0.1),
     # a 4-token prompt in front of a frozen random 2-layer model has little to move in 8 steps (measured 0.995-0.9985 on
     # BERT and on Llama with IPT): here it must only move the loss down; test_prompt / test_ipt check learning
-    "prompt": Case(lambda a: [dt.PromptTuning(num_tokens=4)], "prompt", identity=False, routable=False, lr=0.3,
-                   drop=0.999),
+    "prompt": Case(lambda a: [dt.PromptTuning(num_tokens=4)], "prompt", identity=False, lr=0.3, drop=0.999),
     "ipt": Case(lambda a: [dt.IntrinsicPromptTuning(num_tokens=4, intrinsic_dim=16)], "ipt", identity=False,
-                routable=False, lr=0.3, drop=0.999),
+                lr=0.3, drop=0.999),
     "train_modules": Case(lambda a: [dt.TrainModules(modules=WHOLE_MODULE[a])], "train", mergeable=True),
     # VeRA's b starts at 0 and its path is scaled by d = 0.1: like IA3 it needs a larger step to show in 8 steps
     "vera": Case(lambda a: [dt.VeRA(r=16)], "vera", mergeable=True, lr=0.3),
