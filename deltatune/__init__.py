@@ -39,7 +39,7 @@ from .methods.ia3 import IA3
 from .methods.ipt import IntrinsicPromptTuning, fit_intrinsic_subspace
 from .methods.loha import LoHa
 from .methods.lokr import LoKr
-from .methods.lora import LoRA, RankBudget
+from .methods.lora import LoRA, RankBudget, eva_init
 from .methods.oft import OFT
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
@@ -58,8 +58,7 @@ __all__ = [
     "Gates", "UniPELT", "MAM",
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
-    "fit_intrinsic_subspace", "TrainModules", "VeRA", "LoHa", "LoKr", "OFT",
-    "SparseFT",
+    "fit_intrinsic_subspace", "TrainModules", "VeRA", "LoHa", "LoKr", "OFT", "SparseFT", "eva_init",
     # speed (core/onednn.py, core/lm_loss.py)
     "enable_onednn", "disable_onednn", "FusedLMLoss", "linear_cross_entropy",
     # types and errors

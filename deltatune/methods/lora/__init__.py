@@ -3,6 +3,7 @@
 - config.py: the ``LoRA`` config (rank, scaling, targets, DoRA, init, rank budget);
 - layers.py: the wrappers for Linear / Conv1D / Embedding and the fused training product;
 - dora.py: DoRA's wrappers (``dt.LoRA(dora=True)``), built on layers.py;
+- eva.py: ``dt.eva_init``, A from the principal directions of a few batches of layer inputs;
 - inits.py: PiSSA / OLoRA, which start A and B from W and leave the residual in the base weight;
 - budget.py: the adaptive rank budget (``dt.RankBudget``), which prunes and truncates these wrappers.
 This file picks a wrapper per layer and registers the attach rule.
@@ -20,11 +21,12 @@ from ...core.targets import find_targets
 from .budget import RankAllocator, RankBudget
 from .config import LoRA
 from .dora import DoRAConv1D, DoRAEmbedding, DoRALinear
+from .eva import eva_init
 from .inits import RESIDUAL_INITS, keep_original_weight
 from .layers import LoRAConv1D, LoRAEmbedding, LoRALinear
 
 __all__ = ["LoRA", "RankBudget", "LoRALinear", "LoRAConv1D", "LoRAEmbedding", "DoRALinear", "DoRAConv1D",
-           "DoRAEmbedding", "wrapper_class"]
+           "DoRAEmbedding", "wrapper_class", "eva_init"]
 
 
 def wrapper_class(layer: nn.Module, dora: bool = False) -> type[DeltaWrapper]:
