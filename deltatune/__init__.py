@@ -44,6 +44,7 @@ from .methods.oft import OFT
 from .methods.prefix import PrefixTuning
 from .methods.prompt import PromptTuning
 from .methods.sparse import SparseFT
+from .methods.tokens import TrainableTokens
 from .methods.train_modules import TrainModules
 from .methods.vera import VeRA
 
@@ -58,7 +59,8 @@ __all__ = [
     "Gates", "UniPELT", "MAM",
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
-    "fit_intrinsic_subspace", "TrainModules", "VeRA", "LoHa", "LoKr", "OFT", "SparseFT", "eva_init",
+    "fit_intrinsic_subspace", "TrainModules", "VeRA", "LoHa", "LoKr", "OFT", "SparseFT", "TrainableTokens",
+    "eva_init",
     # speed (core/onednn.py, core/lm_loss.py)
     "enable_onednn", "disable_onednn", "FusedLMLoss", "linear_cross_entropy",
     # types and errors
