@@ -163,7 +163,8 @@ def _vera_from_config(cfg: dict[str, Any]) -> VeRA:
 def _lycoris_config(att: Attachment) -> dict[str, Any]:
     cfg = att.config
     _refuse_conv1d(att, type(cfg).__name__)
-    extra = {"decompose_both": cfg.decompose_both, "decompose_factor": cfg.decompose_factor,
+    factor = -1 if cfg.decompose_factor is None else cfg.decompose_factor
+    extra = {"decompose_both": cfg.decompose_both, "decompose_factor": factor,
              "rank_dropout_scale": False} if isinstance(cfg, LoKr) else {}
     return {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
             "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, **extra}
@@ -185,8 +186,9 @@ def _loha_from_config(cfg: dict[str, Any]) -> LoHa:
 
 
 def _lokr_from_config(cfg: dict[str, Any]) -> LoKr:
+    factor = int(cfg.get("decompose_factor", -1))
     return LoKr(**_lycoris_common(cfg), decompose_both=bool(cfg.get("decompose_both", False)),
-                decompose_factor=int(cfg.get("decompose_factor", -1)))
+                decompose_factor=None if factor == -1 else factor)
 
 
 # -- OFT ----------------------------------------------------------------------------------------------
@@ -321,7 +323,8 @@ def _checked_config(cfg: Any, where: Path) -> DeltaConfig:
     except CheckpointError as e:
         raise CheckpointError(f"{where / CONFIG}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:  # ValueError includes ConfigError (lora.r must be ...)
-        raise CheckpointError(f"{where / CONFIG} has unusable {cfg['peft_type']} settings: {e}. Re-export the "
+        title = {"LORA": "LoRA", "VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr"}.get(cfg["peft_type"], cfg["peft_type"])
+        raise CheckpointError(f"{where / CONFIG} has unusable {title} settings: {e}. Re-export the "
                               f"adapter with PEFT, or fix the file.") from e
 
 

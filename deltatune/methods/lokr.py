@@ -39,13 +39,14 @@ class LoKr(DeltaConfig):
     targets: Targets = "all-linear"  # module suffixes, full names, "re:<regex>", or "all-linear"
     layers: list[int] | None = None  # keep only these transformer blocks (None: all)
     decompose_both: bool = False     # factor W1 into rank-r matrices too (fewer numbers for large layers)
-    decompose_factor: int = -1       # size of the first factor of in/out (-1: the divisor pair nearest sqrt)
+    decompose_factor: int | None = None  # size of the first factor of in/out (None: the divisor pair nearest
+    #                                      sqrt; PEFT writes None as -1)
 
     def validate(self) -> None:
         self._require(self.r > 0, "r", "a positive integer")
         self._require(self.alpha > 0, "alpha", "> 0")
-        self._require(self.decompose_factor == -1 or self.decompose_factor > 0, "decompose_factor",
-                      "-1 or a positive integer")
+        self._require(self.decompose_factor is None or self.decompose_factor > 0, "decompose_factor",
+                      "None or a positive integer")
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -81,8 +82,8 @@ class LoKrLinear(DeltaWrapper):
         in_features, out_features = features(layer)
         self.conv1d = not isinstance(layer, nn.Linear)
         self.r, self.alpha, self.scale = cfg.r, cfg.alpha, cfg.alpha / cfg.r
-        (in_m, in_n), (out_l, out_k) = (factorization(in_features, cfg.decompose_factor),
-                                        factorization(out_features, cfg.decompose_factor))
+        factor = -1 if cfg.decompose_factor is None else cfg.decompose_factor
+        (in_m, in_n), (out_l, out_k) = factorization(in_features, factor), factorization(out_features, factor)
         kind = {"dtype": layer.weight.dtype, "device": layer.weight.device}
         if cfg.decompose_both and cfg.r < max(out_l, in_m) / 2:
             self.lokr_w1_a = nn.Parameter(torch.zeros(out_l, cfg.r, **kind))  # zero: no change at attach

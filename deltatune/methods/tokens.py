@@ -34,11 +34,10 @@ class TrainableTokens(DeltaConfig):
     mergeable = True
     recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # NOT measured yet: LoRA's measured rates
 
-    token_ids: list[int] = dataclasses.field(default_factory=list)  # the embedding rows that train
+    token_ids: list[int] | None = None  # the embedding rows that train (None: not given yet; attach refuses it)
 
     def validate(self) -> None:
-        ids = self.token_ids
-        # empty is the default (a config must construct without arguments); attach refuses it
+        ids = self.token_ids or []
         self._require(all(i >= 0 for i in ids) and len(set(ids)) == len(ids), "token_ids",
                       "a list of distinct non-negative token ids")
 
@@ -135,7 +134,7 @@ def _paths(model: nn.Module) -> tuple[str, str | None]:
 @register(TrainableTokens)
 def attach(model: nn.Module, cfg: TrainableTokens, att: Attachment) -> None:
     if not cfg.token_ids:
-        raise ConfigError("tokens.token_ids is empty; give the ids whose rows train, e.g. "
+        raise ConfigError("tokens.token_ids is not set; give the ids whose rows train, e.g. "
                           "tokenizer.convert_tokens_to_ids(new_tokens)")
     embedding_path, head_path = _paths(model)
     vocab = model.get_input_embeddings().num_embeddings

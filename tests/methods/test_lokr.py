@@ -61,12 +61,15 @@ def test_parameters_are_the_ones_peft_creates(r, both, names):
 def test_export_loads_in_peft_with_same_outputs(tmp_path, arch, kwargs):
     config = export_matches_peft(tmp_path, arch, dt.LoKr(alpha=6, **kwargs), std=0.3)
     assert config["peft_type"] == "LOKR" and config["decompose_both"] == kwargs.get("decompose_both", False)
+    assert config["decompose_factor"] == kwargs.get("decompose_factor", -1)  # PEFT's "nearest sqrt" is -1
 
 
 @pytest.mark.parametrize("arch,kwargs", [("bert", dict(r=4, target_modules=["query", "value"])),
-                                         ("llama", dict(r=2, target_modules="all-linear", decompose_both=True))])
+                                         ("llama", dict(r=2, target_modules="all-linear", decompose_both=True)),
+                                         ("llama", dict(r=2, target_modules=["o_proj"], decompose_factor=4))])
 def test_import_gives_peft_outputs(tmp_path, arch, kwargs):
-    import_matches_peft(tmp_path, arch, peft.LoKrConfig(init_weights=False, **kwargs))
+    delta = import_matches_peft(tmp_path, arch, peft.LoKrConfig(init_weights=False, **kwargs))
+    assert delta.configs[0].decompose_factor == kwargs.get("decompose_factor")
 
 
 def test_export_of_conv1d_layers_is_refused_clearly(tmp_path):

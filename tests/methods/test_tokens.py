@@ -88,7 +88,7 @@ def test_refusals_are_clear():
     model = BUILDERS["llama"]()
     with pytest.raises(dt.TargetError, match="resize_token_embeddings"):
         dt.attach(model, dt.TrainableTokens(token_ids=[VOCAB + 5]))
-    with pytest.raises(dt.ConfigError, match="token_ids is empty"):
+    with pytest.raises(dt.ConfigError, match="token_ids is not set"):
         dt.attach(model, dt.TrainableTokens())
     with pytest.raises(dt.ConfigError, match="distinct"):
         dt.TrainableTokens(token_ids=[3, 3])

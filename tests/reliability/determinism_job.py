@@ -22,6 +22,8 @@ def cases() -> dict[str, list]:
     found = {name: [m.config()] for name, m in METHODS.items() if not m.sees_delta}
     if "ipt" in METHODS:
         found["ipt"] = [METHODS["ipt"].config(num_tokens=4, intrinsic_dim=8)]
+    if "tokens" in METHODS:  # no default: the rows of some ids the batch uses
+        found["tokens"] = [METHODS["tokens"].config(token_ids=list(range(3, 100, 7)))]
     found["adapter"] = [dt.Adapter(bottleneck=8)]
     found["lora+dropout"] = [dt.LoRA(r=4, dropout=0.3, targets="all-linear")]
     found["lora+adapter+gates"] = [dt.LoRA(r=2), dt.Adapter(bottleneck=4), dt.Gates()]
