@@ -163,9 +163,10 @@ def _vera_from_config(cfg: dict[str, Any]) -> VeRA:
 def _lycoris_config(att: Attachment) -> dict[str, Any]:
     cfg = att.config
     _refuse_conv1d(att, type(cfg).__name__)
-    factor = -1 if cfg.decompose_factor is None else cfg.decompose_factor
-    extra = {"decompose_both": cfg.decompose_both, "decompose_factor": factor,
-             "rank_dropout_scale": False} if isinstance(cfg, LoKr) else {}
+    extra = {}
+    if isinstance(cfg, LoKr):  # PEFT spells "the divisor pair nearest sqrt" as -1
+        factor = -1 if cfg.decompose_factor is None else cfg.decompose_factor
+        extra = {"decompose_both": cfg.decompose_both, "decompose_factor": factor, "rank_dropout_scale": False}
     return {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
             "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, **extra}
 
