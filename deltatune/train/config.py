@@ -110,6 +110,9 @@ class TrainConfig(Section):
     log_every: PositiveInt = 10
     metric: str | None = None              # best-checkpoint metric; None: accuracy (classification) or perplexity
     device: str = "auto"                   # auto, cpu, cuda, cuda:N, mps
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"  # several processes: ddp replicates the
+    #                                        base, fsdp shards it (FSDP2; docs/distributed.md); auto: ddp, or
+    #                                        what an `accelerate launch` config asks for
     num_threads: PositiveInt | None = None  # torch CPU threads; None: cores / processes, 1 on a busy machine
     progress: Literal["auto", "always", "never"] = "auto"  # auto: a bar only on a terminal and not under CI
 
