@@ -53,7 +53,9 @@ def resolve_mode(configured: str, world: int, env: Mapping[str, str] = os.enviro
             configured = "fsdp"
         else:
             configured = "ddp"
-    return "single" if world == 1 and configured == "ddp" else configured
+    if world == 1 and configured in ("ddp", "fsdp"):
+        return "single"  # one process: nothing to replicate or shard
+    return configured
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -81,17 +83,18 @@ def check_settings(cfg: RunConfig, mode: str) -> None:
                               f"or use train.distributed ddp")
 
 
-def shard_model(model: nn.Module, delta: Delta, info: Dist) -> int:
-    """Apply FSDP2 to ``model`` (delta already attached): each block, then the root. Returns the block count.
+def shard_model(model: nn.Module, delta: Delta | None, info: Dist) -> int:
+    """Apply FSDP2 to ``model``: each block, then the root. Returns the number of blocks.
 
     The delta's parameters are ``ignored_params``: FSDP neither shards nor moves them, so they are moved to
-    the device here, after the base has been sharded (the whole base never lands on one device).
+    the device here, after the base has been sharded (the whole base never lands on one device). A delta
+    attached or loaded later (``dt.load`` onto the sharded model) is plain tensors too, outside FSDP.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world,))
-    ignored = set(delta.parameters().values())
+    ignored = set(delta.parameters().values()) if delta is not None else set()
     paths = block_paths(model)
     if not paths:
         raise ConfigError(f"train.distributed fsdp: found no transformer blocks in {type(model).__name__} (no "
