@@ -83,6 +83,27 @@ def cleanup(info: Dist) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def peers_watched(info: Dist, run_dir: object) -> Iterator[None]:
+    """Turn a failed collective of a multi-process run into an error that says what most likely happened.
+
+    When a process dies (killed, out of memory), gloo / NCCL raise a bare RuntimeError in the others at
+    their next collective ("Connection closed by peer"); the launcher then stops them all. torch gives no
+    narrower type for it, so any non-deltatune RuntimeError of a multi-process run is reported this way,
+    with its own first line kept.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if info.world == 1 or isinstance(e, DeltaError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DistributedError(f"process {info.rank} of {info.world} stopped: an operation that needs every process "
+                               f"failed ({type(e).__name__}: {first}). Most often another process died or was "
+                               f"killed first (the launcher's log names the first failure). Training continues from "
+                               f"the last state in {run_dir} with the same command plus --resume") from e
+
+
 def barrier(info: Dist) -> None:
     if info.world > 1:
         dist.barrier()

@@ -187,8 +187,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
             sharding.shard_model(model, delta, info)
         check_vocab(model, cfg.model.tokenizer or cfg.model.path, tokenizer.pad_token_id, train_set, eval_set)
         loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info))
-        loop.start(resume)
-        progress = loop.run()
+        with distributed.peers_watched(info, run_dir):
+            loop.start(resume)
+            progress = loop.run()
         summary = write_summary(run_dir, cfg, delta, progress) if info.is_main else {}
         if info.is_main:
             write_report(run_dir)

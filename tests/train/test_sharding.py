@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -156,8 +159,8 @@ def _job(tmp_path: Path, model_dir: Path, files, method: str, head: bool, checkp
     cfg = base_overrides(model_dir, *files, tmp_path / "single", tmp_path / "cache")
     cfg["delta"] = [METHODS[method]]
     cfg["train_modules"] = "auto" if head else []
-    cfg["train"].update(max_steps=4, batch_size=8, eval_every=2, save_every=2, gradient_checkpointing=checkpointing,
-                        **train)
+    cfg["train"].update({"max_steps": 4, "batch_size": 8, "eval_every": 2, "save_every": 2,
+                         "gradient_checkpointing": checkpointing, **train})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -209,3 +212,100 @@ def test_a_sharded_decoder_matches_one_process(tmp_path, tiny_llama_dir):
     result = _torchrun(path, tmp_path / "fsdp", "--train.batch_size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _max_diff(tmp_path / "single" / "last", tmp_path / "fsdp" / "last") < 1e-5
+
+
+# -- failures: kill -9 and --resume, a killed process, a watched collective --------------------------------------
+
+STEPS = 24
+TIMINGS = {"examples_per_s", "tokens_per_s", "elapsed_s"}
+
+
+def _popen(path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "deltatune.cli", "train", str(path),
+           "--output_dir", str(out), "--train.distributed", "fsdp", "--train.batch_size", "4", *extra]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        records = MetricsLog.read(run / "metrics.jsonl")
+        if max((r.get("step", 0) for r in records if r.get("type") == "train"), default=0) >= step:
+            return
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail(f"the run did not reach step {step} (exit code {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def _records(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in MetricsLog.read(run / "metrics.jsonl")]
+
+
+def test_resume_after_kill_9_of_a_sharded_run_is_the_uninterrupted_run(tmp_path, tiny_bert_dir, sentiment_files):
+    """Dropout on: the resumed run must restore every process' RNG state as well as the delta and optimizer."""
+    path = _job(tmp_path, tiny_bert_dir, sentiment_files, "lora", True, False, max_steps=STEPS, save_every=3,
+                eval_every=8, log_every=1, epochs=10)
+    reference = _torchrun(path, tmp_path / "ref", "--train.batch_size", "4")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = _popen(path, run)
+    _wait_for_step(proc, run, 7)
+    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)  # the launcher and both workers, as an OOM killer or scancel would
+    proc.wait(timeout=30)
+    assert not (run / "summary.json").exists()  # killed mid-run
+    resumed = _torchrun(path, run, "--train.batch_size", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for which in ("last", "best"):
+        got, want = load_file(run / which / "delta.safetensors"), load_file(tmp_path / "ref" / which /
+                                                                            "delta.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), which  # bit for bit
+    assert _records(run) == _records(tmp_path / "ref")
+
+
+def test_a_killed_process_stops_the_others(tmp_path, tiny_bert_nodrop_dir, sentiment_files):
+    path = _job(tmp_path, tiny_bert_nodrop_dir, sentiment_files, "lora", True, False, max_steps=2000, epochs=100,
+                eval_every="never", log_every=1, save_every=1000)
+    proc = _popen(path, tmp_path / "run")
+    _wait_for_step(proc, tmp_path / "run", 3)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)  # a hang fails here
+    assert proc.returncode != 0
+    assert "Signal 9 (SIGKILL) received" in err and "deltatune.cli FAILED" in err  # torchrun names the first failure
+    assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_a_failed_collective_says_what_most_likely_happened(tmp_path):
+    info = distributed.Dist(1, 2)
+    with pytest.raises(distributed.DistributedError, match=r"process 1 of 2 stopped: .*\(RuntimeError: Connection "
+                                                           r"closed by peer\).*another process died.*--resume"):
+        with distributed.peers_watched(info, tmp_path):
+            raise RuntimeError("Connection closed by peer\nmore")
+    with pytest.raises(ConfigError):  # deltatune's own errors pass through unchanged
+        with distributed.peers_watched(info, tmp_path):
+            raise ConfigError("x")
+    with pytest.raises(RuntimeError, match="^y$"):  # and one process has no peers to blame
+        with distributed.peers_watched(distributed.Dist(), tmp_path):
+            raise RuntimeError("y")
+
+
+# -- multi-node: two launches on one machine stand in for two nodes ----------------------------------------------
+
+def test_two_nodes_match_one_process(tmp_path, tiny_bert_nodrop_dir, sentiment_files):
+    path = _job(tmp_path, tiny_bert_nodrop_dir, sentiment_files, "ia3", True, False)
+    jobs.train(load_config(path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for node in (0, 1):
+        cmd = [TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes", "-m", "deltatune.cli", "train",
+               str(path), "--output_dir", str(tmp_path / "nodes"), "--train.distributed", "fsdp",
+               "--train.batch_size", "4"]
+        nodes.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=240)[1] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert _max_diff(tmp_path / "single" / "last", tmp_path / "nodes" / "last") < 1e-5
