@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint conformance bench bench-quality bench-defaults clean
+.PHONY: install demo test test-fast test-sharded lint conformance bench bench-quality bench-defaults clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ test: install  ## the whole suite, slow real-model tests included (what CI runs)
 
 test-fast: install  ## skip the real-model tests
 	$(PY) -m pytest -q -m "not slow"
+
+test-sharded: install  ## the whole sharded-training matrix: 2 CPU processes (gloo) per case, ~10 min
+	$(PY) -m pytest -q -p no:cacheprovider tests/train/test_sharding.py
 
 lint: install
 	$(VENV)/bin/ruff check deltatune tests examples bench

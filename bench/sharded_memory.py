@@ -101,8 +101,10 @@ def run_row(row: str, model: str) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{row} failed:\n{err[-3000:]}")
         held = [line for line in err.splitlines() if line.startswith("fsdp:")]
-        return {"row": row, "mode": mode, "processes": processes, "model": model, "seconds": round(
-            time.perf_counter() - started, 1), "peaks": list(peaks.values()), "fsdp_log": held[:1],
+        malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+        seconds = round(time.perf_counter() - started, 1)
+        return {"row": row, "mode": mode, "processes": processes, "model": model, "seconds": seconds,
+                "peaks": list(peaks.values()), "fsdp_log": held[:1], "malloc_env": malloc,
                 "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                            f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB",
@@ -113,15 +115,17 @@ def run_row(row: str, model: str) -> dict:
 
 def table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    print("| row | processes | peak USS / process MiB (load) | peak PSS / process MiB (load) | "
-          "peak USS / process MiB (train) | peak PSS / process MiB (train) | sum of PSS MiB (load) | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | glibc malloc env | processes | peak USS / process MiB (whole run) | "
+          "peak PSS / process MiB (whole run) | peak USS / process MiB (train) | peak PSS / process MiB (train) | "
+          "sum of PSS MiB (whole run) | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["peaks"]
         def span(key: str, peaks=p) -> str:
             values = sorted(round(x[key]) for x in peaks)
             return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
-        print(f"| {r['row']} | {r['processes']} | {span('uss')} | {span('pss')} | {span('train_uss')} | "
+        malloc = " ".join(f"{k}={v}" for k, v in r.get("malloc_env", {}).items()) or "default"
+        print(f"| {r['row']} | {malloc} | {r['processes']} | {span('uss')} | {span('pss')} | {span('train_uss')} | "
               f"{span('train_pss')} | {round(sum(x['pss'] for x in p))} | {r['seconds']} |")
 
 

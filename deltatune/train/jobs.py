@@ -100,24 +100,20 @@ def load_data(cfg: RunConfig, info: distributed.Dist) -> tuple[Any, Encoded, Enc
 
 
 def build_model(cfg: RunConfig, label_names: list[str] | None, pad_id: int, device: torch.device,
-                sharded: distributed.Dist | None = None):
+                sharded: bool = False):
     """The base model with the configured delta attached (same seed: same init on every process).
-    ``sharded``: only rank 0 loads the weights and nothing is moved; ``sharding.shard_model`` hands each
-    process its shards on ``device``."""
+    ``sharded``: left where it was loaded (memory-mapped); ``sharding.shard_model`` copies each process' rows
+    to ``device``."""
     seed_everything(cfg.seed)
-    if sharded is not None:
-        model, new = sharding.load_for_sharding(cfg, label_names, pad_id, sharded)
-    else:
-        model, new = load_model(cfg, label_names, pad_id)
+    model, new = load_model(cfg, label_names, pad_id)
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it "
                               f"to false")
         enable_activation_checkpointing(model)
-    if sharded is None:
+    if not sharded:
         model.to(device)
-    with sharding.attach_context(model):
-        delta = attach(model, *cfg.delta_configs(), train_modules=train_module_names(cfg, model, new) or None)
+    delta = attach(model, *cfg.delta_configs(), train_modules=train_module_names(cfg, model, new) or None)
     log.info("delta: %s; %s", " + ".join(describe_method(c) for c in delta.configs), delta.summary())
     if cfg.train.onednn:
         log.info("oneDNN products on %d frozen linear layers", use_onednn(cfg, model, device))
@@ -187,10 +183,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
         if info.is_main:
             init_run_dir(run_dir, cfg, resume, overwrite)
         distributed.barrier(info)
-        model, delta = build_model(cfg, train_set.label_names, tokenizer.pad_token_id, info.device,
-                                   info if info.sharded else None)
+        model, delta = build_model(cfg, train_set.label_names, tokenizer.pad_token_id, info.device, info.sharded)
         if info.sharded:
-            sharding.shard_model(model, delta, info, from_rank0=True)
+            sharding.shard_model(model, delta, info)
         check_vocab(model, cfg.model.tokenizer or cfg.model.path, tokenizer.pad_token_id, train_set, eval_set)
         loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info))
         with distributed.peers_watched(info, run_dir):

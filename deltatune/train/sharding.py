@@ -14,6 +14,11 @@ AdamW holds state only for them, checkpoints, ``--resume`` and ``dt.load`` see p
 bit-for-bit agreement check after training still holds. The base is frozen, so FSDP never reduces a
 gradient: its only communication is the all-gather of the weights.
 
+Loading: every process loads the model as usual. transformers maps the safetensors file without reading
+it (when the file's dtype is the model's), and ``fully_shard`` copies only this process' rows of each
+tensor, so no process materialises the whole base (measured in docs/distributed.md; a rank-0 load with a
+broadcast to meta-device processes was tried and held more memory, see there).
+
 Why not ``Accelerator``: accelerate's FSDP2 plugin calls this same ``fully_shard``; moving the loop onto it
 would add a second owner of the optimizer, the schedule and the checkpoints without sharding anything
 more. ``accelerate launch`` with an FSDP config is honoured (``auto`` reads its environment).
@@ -21,13 +26,10 @@ more. ``accelerate launch`` with an FSDP config is honoured (``auto`` reads its 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -71,9 +73,11 @@ def check_settings(cfg: RunConfig, mode: str) -> None:
     """Refuse settings that sharding cannot honour, before any model is loaded (each names what to change)."""
     t = cfg.train
     if mode == "deepspeed":
-        raise ConfigError("train.distributed deepspeed: DeepSpeed ZeRO-3 is not wired into the training loop in this "
-                          "version (see docs/distributed.md for why); use train.distributed fsdp, which shards the "
-                          "frozen base the same way with torch's own FSDP2")
+        raise ConfigError("train.distributed deepspeed is not wired into the training loop yet: DeepSpeed ZeRO-3 "
+                          "itself runs (bench/engine_probes.py), but its engine would own backward, the optimizer step "
+                          "and a partitioned optimizer state that deltatune's checkpoints and --resume do not cover "
+                          "yet (docs/distributed.md). Use train.distributed fsdp, which shards the frozen base the "
+                          "same way with torch's FSDP2")
     if mode != "fsdp":
         return
     refused = {
@@ -88,58 +92,7 @@ def check_settings(cfg: RunConfig, mode: str) -> None:
                               f"or use train.distributed ddp")
 
 
-def load_for_sharding(cfg: RunConfig, label_names: list[str] | None, pad_id: int | None,
-                      info: Dist) -> tuple[nn.Module, list[str]]:
-    """Rank 0 loads the checkpoint; every other process builds the same model on the meta device (no memory).
-
-    ``shard_model(..., from_rank0=True)`` then hands each process its shards from rank 0, one tensor at a
-    time, so only rank 0 ever holds the whole base, and only until it is sharded. The names of newly
-    initialised parameters (a new head) come from rank 0 too. GGUF files are dequantised by transformers
-    while loading, which has no meta-device form: every process loads those in full.
-    """
-    from .models import load_model
-
-    if info.is_main or cfg.model.gguf_file:
-        model, new = load_model(cfg, label_names, pad_id)
-    else:
-        model, new = _skeleton(cfg, label_names, pad_id), []
-    shared = [new]
-    dist.broadcast_object_list(shared, src=0)
-    return model, shared[0]
-
-
-def _skeleton(cfg: RunConfig, label_names: list[str] | None, pad_id: int | None) -> nn.Module:
-    """The model ``load_model`` would return, with every tensor on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from .models import DTYPES
-
-    kwargs: dict = {}
-    auto = AutoModelForCausalLM
-    if cfg.task == "classification":
-        names = label_names or ["0", "1"]
-        kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                  "label2id": {n: i for i, n in enumerate(names)}}
-        auto = AutoModelForSequenceClassification
-    config = AutoConfig.from_pretrained(cfg.model.path, **kwargs)
-    with torch.device("meta"):
-        model = auto.from_config(config, dtype=DTYPES[cfg.model.dtype])
-    if getattr(model.config, "pad_token_id", None) is None and pad_id is not None:
-        model.config.pad_token_id = pad_id
-    return model
-
-
-def is_skeleton(model: nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
-
-
-def attach_context(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Where to attach the delta: on a skeleton, new tensors go to the meta device too (rank 0's values are
-    broadcast later); elsewhere, nothing changes."""
-    return torch.device("meta") if is_skeleton(model) else contextlib.nullcontext()
-
-
-def shard_model(model: nn.Module, delta: Delta | None, info: Dist, from_rank0: bool = False) -> int:
+def shard_model(model: nn.Module, delta: Delta | None, info: Dist) -> int:
     """Apply FSDP2 to ``model``: each block, then the root. Returns the number of blocks.
 
     The delta's parameters are ``ignored_params``: FSDP neither shards nor moves them, so they are moved to
@@ -156,36 +109,15 @@ def shard_model(model: nn.Module, delta: Delta | None, info: Dist, from_rank0: b
         raise ConfigError(f"train.distributed fsdp: found no transformer blocks in {type(model).__name__} (no "
                           f"ModuleList of repeated layers holding Linear layers), so there is nothing to shard by "
                           f"block; use train.distributed ddp")
-    full = model.state_dict() if from_rank0 and info.is_main else {}  # rank 0's whole tensors, until handed out
     for path in paths:
         fully_shard(model.get_submodule(path), mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
-    if from_rank0:
-        _receive_from_rank0(model, full, info)
-        del full
     model.to(info.device)
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if isinstance(p, DTensor))
     whole = sum(p.numel() * p.element_size() for p in model.parameters() if isinstance(p, DTensor))
-    log.info("fsdp: base sharded over %d processes (%d blocks + root): this process holds %.0f of its %.0f MiB; "
+    log.info("fsdp: base sharded over %d processes (%d blocks + root): this process holds %.1f of its %.1f MiB; "
              "the delta (%d tensors) is replicated", info.world, len(paths), local / MIB, whole / MIB, len(ignored))
     return len(paths)
-
-
-def _receive_from_rank0(model: nn.Module, full: dict[str, torch.Tensor], info: Dist) -> None:
-    """Fill every process' shards (and whole tensors: the delta, buffers) from rank 0's loaded model.
-
-    ``set_model_state_dict(broadcast_from_rank0=True)`` broadcasts one tensor at a time and keeps each
-    process' shard of it. Buffers that are not saved (rotary ``inv_freq``) are not in a state dict: they
-    are broadcast directly (they are small and FSDP does not shard buffers).
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    if is_skeleton(model):
-        model.to_empty(device=info.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    with torch.no_grad():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def idle_batches(info: Dist, lengths: list[int], batch_size: int, done: int) -> list[list[int]]:

@@ -65,7 +65,7 @@ def test_fsdp_refuses_settings_it_cannot_honour(tmp_path, tiny_llama_dir, alpaca
     sharding.check_settings(cfg, "ddp")  # fine without sharding
     with pytest.raises(ConfigError, match=f"train.{key} cannot be combined with train.distributed fsdp.*{match}"):
         sharding.check_settings(cfg, "fsdp")
-    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 is not wired"):
+    with pytest.raises(ConfigError, match="deepspeed is not wired into the training loop yet"):
         sharding.check_settings(cfg, "deepspeed")
 
 
@@ -309,3 +309,18 @@ def test_two_nodes_match_one_process(tmp_path, tiny_bert_nodrop_dir, sentiment_f
     errors = [p.communicate(timeout=240)[1] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     assert _max_diff(tmp_path / "single" / "last", tmp_path / "nodes" / "last") < 1e-5
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_an_fsdp_config_shards(tmp_path, tiny_bert_nodrop_dir, sentiment_files):
+    """``accelerate launch --use_fsdp`` exports ACCELERATE_USE_FSDP: train.distributed auto follows it."""
+    path = _job(tmp_path, tiny_bert_nodrop_dir, sentiment_files, "lora", True, False)
+    jobs.train(load_config(path))
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "deltatune.cli", "train", str(path),
+           "--output_dir", str(tmp_path / "acc"), "--train.batch_size", "4"]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fsdp: base sharded over 2 processes" in result.stderr
+    assert _max_diff(tmp_path / "single" / "last", tmp_path / "acc" / "last") < 1e-5
