@@ -40,7 +40,8 @@ from .report import write_report
 log = logging.getLogger(__name__)
 RUN_FILES = ("state", "best", "last", "metrics.jsonl", "config.yaml", "summary.json", "report.md", "loss.png",
              "eval.png")
-VOLATILE = {("train", "progress"), ("train", "device"), ("train", "num_threads")}  # may differ on --resume
+VOLATILE = {("train", "progress"), ("train", "device"), ("train", "num_threads"),  # may differ on --resume
+            ("train", "distributed")}  # the state is the same whether the base was sharded or replicated
 
 
 # -- train ------------------------------------------------------------------------------------------

@@ -61,7 +61,9 @@ def resolve_mode(configured: str, world: int, env: Mapping[str, str] = os.enviro
         else:
             configured = "ddp"
     if world == 1 and configured in ("ddp", "fsdp"):
-        return "single"  # one process: nothing to replicate or shard
+        if configured == "fsdp":
+            log.info("train.distributed fsdp with one process: nothing to shard, training in one process")
+        return "single"
     return configured
 
 

@@ -43,7 +43,7 @@ METHODS = {
     "prefix": {"method": "prefix", "num_tokens": 4, "reparam_hidden": 16},
     "prompt": {"method": "prompt", "num_tokens": 4},
 }
-FAST = [("lora", True, True), ("prefix", False, False), ("dora", False, True)]  # (method, head, act. ckpt)
+FAST = [("lora", True, True), ("prefix", False, False)]  # (method, head, activation checkpointing)
 MATRIX = [pytest.param(*case, marks=[] if case in FAST else [pytest.mark.slow])
           for case in itertools.product(METHODS, (True, False), (True, False))]
 
