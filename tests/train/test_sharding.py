@@ -212,6 +212,18 @@ def test_a_sharded_decoder_matches_one_process(tmp_path, tiny_llama_dir):
     result = _torchrun(path, tmp_path / "fsdp", "--train.batch_size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _max_diff(tmp_path / "single" / "last", tmp_path / "fsdp" / "last") < 1e-5
+    # merge and export of the sharded run's checkpoint, in one process, with nothing gathered by hand
+    from transformers import AutoModelForCausalLM
+
+    cfg, where = jobs.locate(str(tmp_path / "fsdp"))
+    merged = jobs.merge(cfg, where, tmp_path / "merged")
+    exported = jobs.export(cfg, where, tmp_path / "peft", "peft")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    dt.load(model, where)
+    ids = torch.randint(3, 60, (2, 8))
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits,
+                               model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    assert (exported / "adapter_model.safetensors").is_file()
 
 
 # -- failures: kill -9 and --resume, a killed process, a watched collective --------------------------------------
