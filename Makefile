@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint conformance bench bench-quality bench-defaults clean
+.PHONY: install demo test test-fast test-sharded lint conformance bench bench-quality bench-defaults clean
 
 install: $(VENV)/.installed
 
@@ -23,11 +23,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install  ## train the embedded default job (offline MiniLM + LoRA on a bundled sentiment set)
 	$(VENV)/bin/deltatune train
 
-test: install  ## the whole suite, slow real-model tests included (what CI runs)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: install  ## the whole suite, slow real-model tests included (what CI runs); exhaustive matrices have their own targets
+	$(PY) -m pytest -q -p no:cacheprovider -m "not matrix"
 
 test-fast: install  ## skip the real-model tests
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not matrix"
+
+test-sharded: install  ## the whole sharded-training matrix: 2 CPU processes (gloo) per case, ~10 min
+	$(PY) -m pytest -q -p no:cacheprovider tests/train/test_sharding.py
 
 lint: install  ## ruff, and the one-way import layering (core <- methods <- api <- compose/interop <- train <- auto <- cli)
 	$(VENV)/bin/ruff check deltatune tests examples bench

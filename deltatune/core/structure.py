@@ -114,6 +114,12 @@ def _describe_block(path: str, modules: dict[str, nn.Module]) -> Block:
                  tuple(fused), tuple(ffn))
 
 
+def block_paths(model: nn.Module) -> list[str]:
+    """Dotted paths of the transformer blocks (the repeated layers) of ``model``; empty when it has none.
+    Used to shard by block (train/sharding.py), where attention and FFN details do not matter."""
+    return _block_paths(dict(named_base_modules(model)))
+
+
 def transformer_blocks(model: nn.Module, method: str = "delta", layers: list[int] | None = None) -> list[Block]:
     """Every transformer block of ``model`` with its attention and feed-forward parts.
 

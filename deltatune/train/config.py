@@ -88,6 +88,8 @@ class TrainConfig(Section):
     epochs: PositiveInt = 3
     max_steps: PositiveInt | None = None   # stop after this many optimizer steps (overrides epochs)
     batch_size: PositiveInt = 16           # per process; the global batch is batch_size * grad_accum * processes
+    global_batch_size: PositiveInt | None = None  # examples per optimizer step over all processes: sets batch_size
+    #                                        to it / (grad_accum * processes), so one config fits any process count
     eval_batch_size: PositiveInt = 64
     grad_accum: PositiveInt = 1
     # None below: the method's measured recipe (core/recipe.py, docs/choosing.md), for the global batch
@@ -113,6 +115,9 @@ class TrainConfig(Section):
     log_every: PositiveInt = 10
     metric: str | None = None              # best-checkpoint metric; None: accuracy (classification) or perplexity
     device: str = "auto"                   # auto, cpu, cuda, cuda:N, mps
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"  # several processes: ddp replicates the
+    #                                        base, fsdp shards it (FSDP2; docs/distributed.md); auto: ddp, or
+    #                                        what an `accelerate launch` config asks for
     num_threads: PositiveInt | None = None  # torch CPU threads; None: cores / processes, 1 on a busy machine
     progress: Literal["auto", "always", "never"] = "auto"  # auto: a bar only on a terminal and not under CI
 
@@ -360,9 +365,25 @@ def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
     cfg.run_name = cfg.run_name or stem
     cfg.output_dir = cfg.output_dir or str(Path("runs") / cfg.run_name)
     cfg.train.metric = cfg.train.metric or ("accuracy" if cfg.task == "classification" else "perplexity")
+    split_global_batch(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))
     fill_from_recipe(cfg.train, recipe_for(cfg.delta_configs()))
     cfg.set_delta_configs(cfg.delta_configs())  # every field spelled out, defaults included
     return cfg
+
+
+def split_global_batch(t: TrainConfig, world: int) -> None:
+    """``train.global_batch_size`` -> the per-process ``batch_size``; refused when it does not split evenly
+    (an uneven split would silently train with another global batch than the one asked for)."""
+    if t.global_batch_size is None:
+        return
+    shares = t.grad_accum * world
+    if t.global_batch_size % shares:
+        below = t.global_batch_size // shares * shares
+        fits = sorted({max(shares, below), below + shares})
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} cannot be split evenly over {world} "
+                          f"process(es) x train.grad_accum {t.grad_accum}; use a multiple of {shares} (e.g. "
+                          f"{' or '.join(map(str, fits))}), or change grad_accum or the number of processes")
+    t.batch_size = t.global_batch_size // shares
 
 
 def fill_from_recipe(t: TrainConfig, recipe: Recipe) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import os
 from collections.abc import Iterator
@@ -20,12 +21,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.errors import DeltaError
+
+
+class DistributedError(DeltaError, RuntimeError):
+    """The processes of a multi-process run could not join or talk to each other."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    sharded: bool = False  # the base is split across processes (FSDP): every process must run every forward
 
     @property
     def is_main(self) -> bool:
@@ -48,13 +56,52 @@ def setup(device: str = "auto") -> Dist:
     if where.type == "cuda":
         torch.cuda.set_device(where)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
+        join(world, rank, "nccl" if where.type == "cuda" else "gloo")
     return Dist(rank, world, where)
+
+
+def join(world: int, rank: int, backend: str) -> None:
+    """``init_process_group``, with an error naming the endpoint when it cannot be reached in time.
+
+    ``DELTATUNE_DIST_TIMEOUT`` (seconds, default 600) bounds the join and every later collective, so a
+    process whose peer died stops with an error instead of waiting forever.
+    """
+    timeout = datetime.timedelta(seconds=float(os.environ.get("DELTATUNE_DIST_TIMEOUT", "600")))
+    endpoint = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        dist.init_process_group(backend, timeout=timeout)
+    except (RuntimeError, ValueError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
+        raise DistributedError(f"process {rank} of {world} could not join the process group at {endpoint} "
+                               f"within {timeout.total_seconds():.0f} s ({type(e).__name__}: {str(e)[:200]}). "
+                               f"Check that every node can reach {endpoint} (firewall, the address of node 0 "
+                               f"in --rdzv_endpoint / --master_addr) and that all {world} processes were "
+                               f"started") from e
 
 
 def cleanup(info: Dist) -> None:
     if info.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def peers_watched(info: Dist, run_dir: object) -> Iterator[None]:
+    """Turn a failed collective of a multi-process run into an error that says what most likely happened.
+
+    When a process dies (killed, out of memory), gloo / NCCL raise a bare RuntimeError in the others at
+    their next collective ("Connection closed by peer"); the launcher then stops them all. torch gives no
+    narrower type for it, so any non-deltatune RuntimeError of a multi-process run is reported this way,
+    with its own first line kept.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if info.world == 1 or isinstance(e, DeltaError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DistributedError(f"process {info.rank} of {info.world} stopped: an operation that needs every process "
+                               f"failed ({type(e).__name__}: {first}). Most often another process died or was "
+                               f"killed first (the launcher's log names the first failure). Training continues from "
+                               f"the last state in {run_dir} with the same command plus --resume") from e
 
 
 def barrier(info: Dist) -> None:

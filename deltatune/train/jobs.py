@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from ..core.checkpoint import CONFIG_FILE, TENSORS_FILE
 from ..core.errors import CheckpointNotFoundError, ConfigError
 from ..inspect import inspect
 from ..interop.peft import export_peft
-from . import distributed
+from . import distributed, sharding
 from .batches import Encoded
 from .config import RunConfig, check_paths, dump_yaml, load_config, read_yaml
 from .data import alpaca_prompt, load_split
@@ -39,7 +40,8 @@ from .report import write_report
 log = logging.getLogger(__name__)
 RUN_FILES = ("state", "best", "last", "metrics.jsonl", "config.yaml", "summary.json", "report.md", "loss.png",
              "eval.png")
-VOLATILE = {("train", "progress"), ("train", "device"), ("train", "num_threads")}  # may differ on --resume
+VOLATILE = {("train", "progress"), ("train", "device"), ("train", "num_threads"),  # may differ on --resume
+            ("train", "distributed")}  # the state is the same whether the base was sharded or replicated
 
 
 # -- train ------------------------------------------------------------------------------------------
@@ -98,8 +100,11 @@ def load_data(cfg: RunConfig, info: distributed.Dist) -> tuple[Any, Encoded, Enc
     return tokenizer, train_set, eval_set
 
 
-def build_model(cfg: RunConfig, label_names: list[str] | None, pad_id: int, device: torch.device):
-    """The base model with the configured delta attached (same seed: same init on every process)."""
+def build_model(cfg: RunConfig, label_names: list[str] | None, pad_id: int, device: torch.device,
+                sharded: bool = False):
+    """The base model with the configured delta attached (same seed: same init on every process).
+    ``sharded``: left where it was loaded (memory-mapped); ``sharding.shard_model`` copies each process' rows
+    to ``device``."""
     seed_everything(cfg.seed)
     model, new = load_model(cfg, label_names, pad_id)
     if cfg.train.gradient_checkpointing:
@@ -107,7 +112,8 @@ def build_model(cfg: RunConfig, label_names: list[str] | None, pad_id: int, devi
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it "
                               f"to false")
         enable_activation_checkpointing(model)
-    model.to(device)
+    if not sharded:
+        model.to(device)
     delta = attach(model, *cfg.delta_configs(), train_modules=train_module_names(cfg, model, new) or None)
     log.info("delta: %s; %s", " + ".join(describe_method(c) for c in delta.configs), delta.summary())
     if cfg.train.onednn:
@@ -166,6 +172,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
     check_run_dir(run_dir, resume, overwrite)
     info = distributed.setup(cfg.train.device)
     try:
+        mode = sharding.resolve_mode(cfg.train.distributed, info.world)
+        sharding.check_settings(cfg, mode)
+        info = dataclasses.replace(info, sharded=mode == "fsdp")
         if info.device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg.train.num_threads, info.world))
         tokenizer, train_set, eval_set = load_data(cfg, info)
@@ -175,14 +184,18 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
         if info.is_main:
             init_run_dir(run_dir, cfg, resume, overwrite)
         distributed.barrier(info)
-        model, delta = build_model(cfg, train_set.label_names, tokenizer.pad_token_id, info.device)
+        model, delta = build_model(cfg, train_set.label_names, tokenizer.pad_token_id, info.device, info.sharded)
+        if info.sharded:
+            sharding.shard_model(model, delta, info)
         check_vocab(model, cfg.model.tokenizer or cfg.model.path, tokenizer.pad_token_id, train_set, eval_set)
         loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info))
-        loop.start(resume)
-        progress = loop.run()
+        with distributed.peers_watched(info, run_dir):
+            loop.start(resume)
+            progress = loop.run()
         summary = write_summary(run_dir, cfg, delta, progress) if info.is_main else {}
         if info.is_main:
             write_report(run_dir)
+        distributed.barrier(info)  # no process leaves (and tears down the group) while rank 0 still writes
         return summary
     finally:
         distributed.cleanup(info)

@@ -31,7 +31,7 @@ from ..core.delta import Delta
 from ..core.errors import ConfigError, DeltaError
 from ..core.lm_loss import FusedLMLoss
 from ..methods.lora import LoRAEmbedding, LoRALinear
-from . import distributed
+from . import distributed, sharding
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
 from .metrics import classification_metrics, is_better, perplexity
@@ -125,7 +125,8 @@ def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info
     model.eval()
     loss_sum, count, preds, labels = torch.zeros((), device=info.device), 0, [], []
     autocast = torch.autocast(info.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    for indices in eval_batches(data.lengths(), batch_size, info.world, info.rank):
+    batches = eval_batches(data.lengths(), batch_size, info.world, info.rank)
+    for indices in batches:
         batch = {k: v.to(info.device) for k, v in collate(data, indices, pad_id).items()}
         with autocast:
             if lm_loss is not None and data.per_token_labels:
@@ -139,6 +140,9 @@ def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, info
         if not data.per_token_labels:
             preds.append(out.logits.argmax(-1).cpu())
             labels.append(batch["labels"].cpu())
+    for indices in sharding.idle_batches(info, data.lengths(), batch_size, len(batches)):
+        with autocast:  # results unused: a sharded forward needs every process to take part
+            model(**{k: v.to(info.device) for k, v in collate(data, indices, pad_id).items()}, **(forward_kwargs or {}))
     model.train(was_training)
     parts = distributed.gather(info, (loss_sum.item(), count, torch.cat(preds) if preds else None,
                                       torch.cat(labels) if labels else None))
