@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from .compose.presets import expand_configs
+from .core import quant
 from .core.checkpoint import check_fingerprint, read_meta, read_tensors
 from .core.checkpoint import fingerprint as base_fingerprint
 from .core.config import DeltaConfig, config_from_dict
@@ -112,6 +113,7 @@ def attach(model: nn.Module, *configs: DeltaConfig | Sequence[DeltaConfig], name
     for param in delta.parameters().values():
         param.requires_grad_(True)
     deltas_of(model)[name] = delta
+    quant.guard_gradients(model)  # bitsandbytes' packed CPU layers give no input gradient (core/quant.py)
     return delta
 
 
@@ -136,6 +138,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     where, meta = read_meta(directory)
     if check_base:
         check_fingerprint(meta.get("base_model", {}), model, where)
+    quant.note_quantization(meta.get("base_quantization"), model, where)
     try:
         configs = [config_from_dict(m["config"], config_classes()) for m in meta["methods"]]
     except (KeyError, TypeError) as e:
@@ -152,11 +155,19 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     return delta
 
 
-def merge_and_save(delta: Delta, directory: str | os.PathLike, **save_kwargs) -> Path:
+def merge_and_save(delta: Delta, directory: str | os.PathLike, dtype: str | None = None, requantize: bool = False,
+                   **save_kwargs) -> Path:
     """Write base + delta as a standalone model that plain ``from_pretrained`` loads (no deltatune needed).
 
     The delta is merged for the write and returned to its previous state afterwards (``Delta.save_merged``).
+    ``dtype`` ('bfloat16', ...) writes the model in that dtype. On a quantized base the base is dequantized
+    and the delta merged exactly into a full-precision copy; ``requantize=True`` quantizes the result again
+    and records the error that costs (``quantized_merge.py``).
     """
+    if dtype is not None or requantize or quant.is_quantized_model(delta.model):
+        from .quantized_merge import save_dequantized  # it builds on attach: imported here, not at the top
+
+        return save_dequantized(delta, directory, dtype, requantize, **save_kwargs)
     return delta.save_merged(directory, **save_kwargs)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .core import quant
 from .core.delta import Delta, deltas_of
 from .core.inject import DeltaModule, DeltaWrapper, named_base_parameters
 
@@ -15,8 +16,10 @@ def _fmt(n: int) -> str:
 def _layer_desc(module: nn.Module) -> str:
     layer = module.base_layer() if isinstance(module, DeltaWrapper) else module
     weight = getattr(layer, "weight", None)
-    shape = "x".join(map(str, weight.shape)) if weight is not None else ""
-    return f"{type(layer).__name__}({shape})" if shape else type(layer).__name__
+    shape = "x".join(map(str, quant.logical_shape(weight))) if weight is not None else ""
+    name, _, quantized = quant.describe(layer).partition(" ")  # 'Linear4bit nf4' on a quantized base
+    text = f"{name}({shape})" if shape else name
+    return f"{text} {quantized}" if quantized else text
 
 
 def _module_rows(delta: Delta) -> list[tuple[str, str, str, int]]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .checkpoint import atomic_directory, check_keys, save_checkpoint
 from .errors import StateError
 from .inject import (
@@ -130,6 +131,7 @@ class Delta:
         self._check_attached("merge")
         if self.is_merged:
             raise StateError(f"delta {self.name!r} is already merged; call unmerge() first")
+        quant.check_mergeable(self.name, [w.base_layer() for w in self.wrappers()])
         unmergeable = sorted({a.config.method for a in self.attachments if not _foldable(a)})
         if unmergeable:
             raise StateError(f"delta {self.name!r} contains methods that cannot be merged into weights: "
@@ -215,7 +217,8 @@ class Delta:
     def metadata(self) -> dict[str, Any]:
         return {"deltatune_version": VERSION, "name": self.name,
                 "methods": [{"slot": a.slot, "config": a.config.to_dict()} for a in self.attachments],
-                "train_modules": list(self.train_modules), "base_model": self.base_fingerprint}
+                "train_modules": list(self.train_modules), "base_model": self.base_fingerprint,
+                "base_quantization": quant.model_quantization(self.model)}
 
     def save(self, directory: str | os.PathLike, merged: bool = False) -> Path:
         """Write a delta-only checkpoint (safetensors + JSON), atomically.
@@ -259,6 +262,7 @@ class Delta:
         table = deltas_of(self.model)
         table.pop(self.name, None)
         if not table:
+            quant.release_gradients(self.model)
             for name, param in named_base_parameters(self.model):
                 param.requires_grad_(self._requires_grad_before.get(name, param.requires_grad))
         self.attached = False
