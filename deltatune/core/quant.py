@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 _GUARD_KEY = "_deltatune_quant_guard"
 
 
-def _weight_kind(weight: Any) -> str | None:
-    """'bnb4', 'bnb8', 'torchao' or None (a plain tensor), from the weight's class (no imports)."""
+def kind_of(weight: Any) -> str | None:
+    """'bnb4', 'bnb8', 'torchao' or None (a plain tensor), from the tensor's class (no imports)."""
     if weight is None:
         return None
     cls = type(weight)
@@ -46,7 +46,7 @@ def kind(layer: nn.Module) -> str | None:
 
     Only a weight the module holds itself counts: a delta wrapper forwards ``weight`` to the layer it wraps,
     but it is not that layer (hooks and dtypes are decided per real layer)."""
-    return _weight_kind(layer._parameters.get("weight"))
+    return kind_of(layer._parameters.get("weight"))
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -89,7 +89,7 @@ def float_dtype(module: nn.Module, fallback: torch.Tensor | None = None) -> tupl
 
 def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
     """The shape a parameter has at full precision: (out, in) for a packed 4-bit weight."""
-    if _weight_kind(param) == "bnb4":
+    if kind_of(param) == "bnb4":
         return tuple(param.quant_state.shape)
     return tuple(param.shape)
 

@@ -1,6 +1,7 @@
-"""Tiny random Llama saved once per session and loaded quantized (bitsandbytes nf4, fp4 + double quant, int8).
+"""Tiny random Llama saved once per session and loaded quantized (bitsandbytes nf4, fp4 + double quant, int8;
+torchao weight-only int8).
 
-bitsandbytes is an optional dependency: without it these tests skip, except under CI (``CI=true``), where
+bitsandbytes and torchao are optional dependencies: without them these tests skip, except under CI (``CI=true``), where
 a missing backend is a failed install and fails loudly.
 """
 
@@ -46,6 +47,7 @@ SCHEMES = {
     "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True,
                "bnb_4bit_compute_dtype": torch.float32},
     "int8": {"load_in_8bit": True},
+    "torchao-int8": "Int8WeightOnlyConfig",  # torchao weight-only int8 (transformers' TorchAoConfig)
 }
 
 
@@ -53,10 +55,17 @@ def load(path: Path, scheme: str | None) -> torch.nn.Module:
     """The saved tiny Llama, quantized with ``scheme`` (None: full precision), in eval mode."""
     if scheme is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    require("bitsandbytes")
-    from transformers import BitsAndBytesConfig
+    if scheme.startswith("torchao"):
+        require("torchao")
+        import torchao.quantization
+        from transformers import TorchAoConfig
 
-    config = BitsAndBytesConfig(**SCHEMES[scheme])
+        config = TorchAoConfig(getattr(torchao.quantization, SCHEMES[scheme])())
+    else:
+        require("bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(**SCHEMES[scheme])
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
 
 
