@@ -279,10 +279,11 @@ def inspect_model(model_path: str, methods: list[dict[str, Any]], task: str | No
     return inspect(model)
 
 
-def merge(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
-    """A standalone model with the delta folded in (plain transformers loads it), plus its tokenizer."""
+def merge(cfg: RunConfig, checkpoint: Path, out: Path, dtype: str | None = None, requantize: bool = False) -> Path:
+    """A standalone model with the delta folded in (plain transformers loads it), plus its tokenizer. On a
+    quantized base (model.quantization) the base is dequantized first (``dt.merge_and_save``)."""
     tokenizer, _, delta = loaded_model(cfg, checkpoint)
-    merge_and_save(delta, out)
+    merge_and_save(delta, out, dtype=dtype, requantize=requantize)
     tokenizer.save_pretrained(out)
     return out
 

@@ -34,6 +34,7 @@ from . import distributed
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
 from .metrics import classification_metrics, is_better, perplexity
+from .quantization import adamw_8bit
 from .state import Progress, load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ def build_optimizer(delta: Delta, t: TrainConfig) -> torch.optim.AdamW:
     for key, param in delta.parameters().items():
         groups["head" if key.startswith(TRAIN_PREFIX) else "delta"].append(param)
     lrs = {"delta": t.learning_rate, "head": t.head_learning_rate or t.learning_rate}
-    return torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
-                             lr=t.learning_rate, weight_decay=t.weight_decay)
+    param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps]
+    if t.optimizer == "adamw8bit":
+        return adamw_8bit(param_groups, t.learning_rate, t.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
