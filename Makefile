@@ -29,8 +29,9 @@ test: install  ## the whole suite, slow real-model tests included (what CI runs)
 test-fast: install  ## skip the real-model tests
 	$(PY) -m pytest -q -m "not slow"
 
-lint: install
+lint: install  ## ruff, and the one-way import layering (core <- methods <- api <- compose/interop <- train <- auto <- cli)
 	$(VENV)/bin/ruff check deltatune tests examples bench
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 conformance: install
 	../shared/conformance/run

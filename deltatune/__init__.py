@@ -7,10 +7,9 @@
     dt.load(fresh_model, "runs/lora")
 """
 
-from .api import attach, detach, load, merge_and_save, recipe
+from .api import attach, detach, load, recipe
 from .compose.algebra import combine
 from .compose.extract import extract_lora
-from .compose.gates import Gates
 from .compose.named import activate, active, deactivate, deltas, load_all, save_all
 from .compose.presets import MAM, UniPELT
 from .compose.routing import route
@@ -31,9 +30,11 @@ from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
 from .core.version import VERSION as __version__
 from .inspect import inspect
+from .interop.merged import merge_and_save  # api.merge_and_save plus dtype= and quantized bases
 from .interop.peft import export_peft, import_peft
 from .methods.adapter import Adapter
 from .methods.bitfit import BitFit
+from .methods.gates import Gates
 from .methods.ia3 import IA3
 from .methods.ipt import IntrinsicPromptTuning, fit_intrinsic_subspace
 from .methods.lora import LoRA, RankBudget

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from torch import nn
 
-from .compose.presets import expand_configs
 from .core import quant
 from .core.checkpoint import check_fingerprint, read_meta, read_tensors
 from .core.checkpoint import fingerprint as base_fingerprint
@@ -17,8 +16,9 @@ from .core.delta import Delta, deltas_of, undo_attachment
 from .core.errors import AttachError, CheckpointError, ConfigError, StateError
 from .core.inject import Attachment, named_base_parameters
 from .core.recipe import Recipe, recipe_for
+from .core.registry import config_classes, method_for
 from .core.targets import Targets, find_modules, find_task_heads
-from .methods import config_classes, method_for
+from .methods.gates import with_gates
 from .methods.train_modules import TrainModules
 
 DEFAULT_NAME = "default"
@@ -33,6 +33,18 @@ def _slots(configs: Sequence[DeltaConfig]) -> list[str]:
         seen[cfg.method] = n + 1
         slots.append(cfg.method if n == 0 else f"{cfg.method}_{n}")
     return slots
+
+
+def expand_configs(configs: Sequence[DeltaConfig | Sequence[DeltaConfig]],
+                   gates: bool | DeltaConfig = False) -> tuple[DeltaConfig, ...]:
+    """Flatten preset lists (``dt.MAM()``) into one tuple of configs and add the ``Gates`` config when asked for."""
+    flat: list[DeltaConfig] = []
+    for cfg in configs:
+        if isinstance(cfg, (list, tuple)):
+            flat.extend(expand_configs(cfg))
+        else:
+            flat.append(cfg)
+    return tuple(with_gates(flat, gates))
 
 
 def _check_request(model: nn.Module, configs: Sequence[DeltaConfig], name: str) -> None:
@@ -78,7 +90,7 @@ def attach(model: nn.Module, *configs: DeltaConfig | Sequence[DeltaConfig], name
     (``classifier``, ``score``, ...) and nothing on other models; ``None`` trains no whole module.
     The new delta becomes the active one. On any error the model is left exactly as it was. A config may
     be a preset's list of configs (``dt.MAM()``); ``gates=True`` (or a ``dt.Gates(...)``) adds a learned
-    per-layer gate per method (UniPELT, see compose/gates.py).
+    per-layer gate per method (UniPELT, see methods/gates.py).
 
     Raises:
         ConfigError: a config field is invalid. TargetError: targets match nothing usable.
@@ -155,19 +167,12 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     return delta
 
 
-def merge_and_save(delta: Delta, directory: str | os.PathLike, dtype: str | None = None, requantize: bool = False,
-                   **save_kwargs) -> Path:
+def merge_and_save(delta: Delta, directory: str | os.PathLike, **save_kwargs) -> Path:
     """Write base + delta as a standalone model that plain ``from_pretrained`` loads (no deltatune needed).
 
     The delta is merged for the write and returned to its previous state afterwards (``Delta.save_merged``).
-    ``dtype`` ('bfloat16', ...) writes the model in that dtype. On a quantized base the base is dequantized
-    and the delta merged exactly into a full-precision copy; ``requantize=True`` quantizes the result again
-    and records the error that costs (``quantized_merge.py``).
+    ``dt.merge_and_save`` is ``interop.merged.merge_and_save``: this plus ``dtype=`` and quantized bases.
     """
-    if dtype is not None or requantize or quant.is_quantized_model(delta.model):
-        from .quantized_merge import save_dequantized  # it builds on attach: imported here, not at the top
-
-        return save_dequantized(delta, directory, dtype, requantize, **save_kwargs)
     return delta.save_merged(directory, **save_kwargs)
 
 

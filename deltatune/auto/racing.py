@@ -28,7 +28,12 @@ from typing import Any
 
 from ..core.config import config_from_dict
 from ..core.errors import ConfigError, DeltaError
-from .report import publish_best
+from ..methods import config_classes
+from ..train.config import read_yaml
+from ..train.loop import MetricsLog, TrainingDivergedError
+from .report import publish_best, write_race_report
+from .runs import DataCache, config_with, finish_run, maximize, metric_key, require_evaluation, start_run, total_steps
+from .space import split_sections
 
 log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES: dict[str, list[dict[str, Any]]] = {
@@ -78,8 +83,6 @@ def select(scores: dict[str, float | None], keep: int, maximize: bool) -> list[s
 
 def parse_candidates(section: Any) -> dict[str, list[dict[str, Any]]]:
     """``race.candidates`` (a mapping name -> delta, or a list of deltas), each checked as a method config."""
-    from ..methods import config_classes
-
     if section is None:
         return {k: [dict(d) for d in v] for k, v in DEFAULT_CANDIDATES.items()}
     if isinstance(section, list):
@@ -93,7 +96,7 @@ def parse_candidates(section: Any) -> dict[str, list[dict[str, Any]]]:
             raise ConfigError(f"race.candidates.{name} must be a method mapping ({{method: lora, r: 8}}) or a list")
         for entry in entries:
             try:
-                config_from_dict(entry, config_classes())
+                config_from_dict(entry, config_classes(listed_only=True))
             except (ConfigError, TypeError) as e:
                 raise ConfigError(f"race.candidates.{name}: {e}") from None
         out[str(name)] = [dict(e) for e in entries]
@@ -135,11 +138,6 @@ def run_race(config: str | Path, output_dir: str | Path | None = None,
              overrides: list[tuple[str, Any]] | None = None, eta: int | None = None) -> dict[str, Any]:
     """Race the candidates of ``config``'s ``race:`` section; writes race.json, report.md, race.png,
     best_config.yaml and best_delta/ into the output directory. Returns race.json's content."""
-    from ..train.config import read_yaml
-    from .report import write_race_report
-    from .runs import DataCache, config_with, maximize, metric_key, require_evaluation, total_steps
-    from .space import split_sections
-
     base, sections = split_sections(read_yaml(config), "race", "search")
     candidates, eta_cfg, metric = parse_race(sections.get("race"))
     out = Path(output_dir or Path("races") / Path(config).stem)
@@ -166,8 +164,6 @@ class _Race:
         self.loops: dict[str, Any] = {}
 
     def start(self, candidates: dict[str, list[dict[str, Any]]]) -> None:
-        from .runs import config_with, start_run
-
         for name, delta in candidates.items():
             run_dir = self.out / "candidates" / name
             self.entries[name] = entry = Entry(delta, str(run_dir))
@@ -198,8 +194,6 @@ class _Race:
 
     def _train(self, name: str, steps: int) -> float | None:
         """Train one candidate up to ``steps``; its metric there (None when it diverged)."""
-        from ..train.loop import TrainingDivergedError
-
         loop, entry = self.loops[name], self.entries[name]
         try:
             loop.run_until(steps)
@@ -211,15 +205,11 @@ class _Race:
         return score
 
     def _last_eval(self, loop) -> float | None:
-        from ..train.loop import MetricsLog
-
         evals = [r for r in MetricsLog.read(loop.s.run_dir / "metrics.jsonl") if r.get("type") == "eval"]
         return evals[-1].get(f"eval_{self.metric}") if evals else None
 
     def _retire(self, name: str, rung: int | None) -> None:
         """Write the candidate's summary and report and free its model."""
-        from .runs import finish_run
-
         loop, entry = self.loops.pop(name), self.entries[name]
         entry.out_at_rung = rung
         entry.best_metric = finish_run(loop).get("best_metric")

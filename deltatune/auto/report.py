@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from ..core.checkpoint import atomic_directory
+from ..train.loop import MetricsLog
+
 
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -24,6 +27,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _pyplot():
+    # matplotlib is imported on first plot (slow to import; the Agg backend must be chosen before pyplot)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,8 +56,6 @@ def write_best_config(source: Path, target: Path, run_name: str) -> None:
 def publish_best(run_dir: Path, out: Path) -> None:
     """best_config.yaml (the winner's resolved config, ready for ``deltatune train``) and best_delta/ (its best
     checkpoint, else its last)."""
-    from ..core.checkpoint import atomic_directory
-
     write_best_config(run_dir / "config.yaml", out / "best_config.yaml", out.name + "-best")
     source = run_dir / "best" if (run_dir / "best").exists() else run_dir / "last"
     with atomic_directory(out / "best_delta") as tmp:
@@ -109,9 +111,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path, metric: str, maximize: 
         ys.append(best)
     if xs:
         ax.step(xs, ys, where="post", label="best so far")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("trial")
     ax.set_ylabel(metric + " (pruned: last evaluation)")
     ax.set_title("optimization history")
@@ -181,8 +181,6 @@ def write_search_report(out: Path, summary: dict[str, Any], rows: list[dict[str,
 # -- race ---------------------------------------------------------------------------------------------------
 
 def plot_race(result: dict[str, Any], path: Path) -> Path:
-    from ..train.loop import MetricsLog
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     key = f"eval_{result['metric']}"
@@ -222,3 +220,9 @@ def write_race_report(out: Path, result: dict[str, Any]) -> Path:
     _write(out / "race.json", json.dumps(result, indent=2) + "\n")
     _write(out / "report.md", "\n".join(parts) + "\n")
     return out / "report.md"
+
+
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator  # see _pyplot
+
+    return MaxNLocator(integer=True)

@@ -18,7 +18,7 @@ from typing import Any
 from ..core.errors import ConfigError
 from ..train import distributed
 from ..train.batches import Encoded, train_batches
-from ..train.config import RunConfig, load_config
+from ..train.config import CLASSIFICATION_METRICS, LM_METRICS, RunConfig, load_config
 from ..train.jobs import build_model, check_run_dir, init_run_dir, load_data, write_summary
 from ..train.loop import Loop, Session
 from ..train.report import write_report
@@ -64,8 +64,6 @@ def config_with(base: dict[str, Any], overrides: list[tuple[str, Any]]) -> RunCo
 
 def metric_key(cfg: RunConfig, metric: str | None) -> str:
     """The ``eval_*`` key to compare runs by (default: the run's train.metric), checked against the task."""
-    from ..train.config import CLASSIFICATION_METRICS, LM_METRICS
-
     name = metric or cfg.train.metric
     allowed = CLASSIFICATION_METRICS if cfg.task == "classification" else LM_METRICS
     if name not in allowed:

@@ -23,14 +23,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..core.errors import ConfigError, DeltaError
+from ..train.config import read_yaml
+from .report import publish_best, results_lock, write_search_report
+from .runs import DataCache, config_with, finish_run, maximize, metric_key, require_evaluation, start_run
 from .space import SearchSettings, parse_search, split_sections
 
 log = logging.getLogger(__name__)
@@ -66,14 +72,10 @@ class Objective:
 
     def __init__(self, settings: SearchSettings, base: dict[str, Any], overrides: list[tuple[str, Any]], out: Path,
                  metric: str) -> None:
-        from .runs import DataCache
-
         self.settings, self.base, self.overrides, self.out, self.metric = settings, base, overrides, out, metric
         self.data = DataCache()
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from .runs import config_with, finish_run, start_run
-
         values = self.settings.sample(trial)
         run_dir = self.out / "trials" / f"{trial.number:04d}"
         cfg = config_with(self.base, self.overrides + self.settings.overrides(values)
@@ -106,9 +108,6 @@ class Objective:
 
 def prepare(config: str | Path, overrides: list[tuple[str, Any]]) -> tuple[SearchSettings, dict[str, Any], str]:
     """Parse and validate everything (search section, base config, metric) before any trial starts."""
-    from ..train.config import read_yaml
-    from .runs import config_with, metric_key, require_evaluation
-
     base, sections = split_sections(read_yaml(config), "search", "race")
     if "search" not in sections:
         raise ConfigError(f"{config} has no search: section; add one, e.g. search: {{space: {{lora.r: [4, 8, 16]}}}}")
@@ -121,11 +120,6 @@ def prepare(config: str | Path, overrides: list[tuple[str, Any]]) -> tuple[Searc
 def _retrying(make, attempts: int = 6):
     """Workers that start together on a fresh database race to create its tables (one wins, the others get
     an IntegrityError / OperationalError): try again after a short random pause, then the tables exist."""
-    import random
-    import time
-
-    from sqlalchemy.exc import SQLAlchemyError
-
     for attempt in range(attempts):
         try:
             return make()
@@ -138,8 +132,6 @@ def _retrying(make, attempts: int = 6):
 
 def open_study(name: str, storage: str, settings: SearchSettings, metric: str) -> optuna.Study:
     """Create the study, or load it when it exists (resume / another worker); refuse a different metric."""
-    from .runs import maximize
-
     direction = settings.direction or ("maximize" if maximize(metric) else "minimize")
     study = _retrying(lambda: optuna.create_study(
         study_name=name, storage=make_storage(storage), load_if_exists=True, direction=direction,
@@ -200,15 +192,11 @@ def importances(study: optuna.Study) -> tuple[dict[str, float] | None, str | Non
 
 def write_results(study: optuna.Study, out: Path, storage: str, metric: str) -> dict[str, Any]:
     """best_config.yaml, best_delta/, report.md, search.json and the plots, from everything in the study."""
-    from .report import results_lock
-
     with results_lock(out):
         return _write_results(study, out, storage, metric)
 
 
 def _write_results(study: optuna.Study, out: Path, storage: str, metric: str) -> dict[str, Any]:
-    from .report import publish_best, write_search_report
-
     rows = trial_rows(study)
     counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     summary: dict[str, Any] = {"study": study.study_name, "storage": storage, "metric": metric,

@@ -30,8 +30,12 @@ import math
 import re
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..core.config import config_from_dict
 from ..core.errors import ConfigError
+from ..methods import config_classes
+from ..train.config import DEFAULT_DELTA, RunConfig, all_keys, apply_overrides, format_errors
 
 OPTIONS = {"space", "metric", "direction", "pruner", "startup_trials", "warmup_steps", "sampler", "seed", "enqueue"}
 PRUNERS = ("median", "halving", "none")
@@ -227,8 +231,6 @@ def split_sections(raw: dict[str, Any], *names: str) -> tuple[dict[str, Any], di
 
 def parse_search(section: Any, base: dict[str, Any]) -> SearchSettings:
     """Validate a ``search:`` section against the method registry and the training config schema."""
-    from ..train.config import DEFAULT_DELTA
-
     if not isinstance(section, dict) or not isinstance(section.get("space"), dict) or not section["space"]:
         raise ConfigError("search: needs a 'space' mapping of parameters, e.g. search: {space: {lora.r: [4, 8, 16], "
                           "train.learning_rate: {low: 1.0e-4, high: 3.0e-3, log: true}}}")
@@ -266,9 +268,7 @@ def _options(settings: SearchSettings, section: dict[str, Any]) -> None:
 
 
 def _check_param(param: Param, settings: SearchSettings, base: dict[str, Any]) -> None:
-    from ..methods import config_classes
-
-    methods = config_classes()
+    methods = config_classes(listed_only=True)
     where = f"search.space.{param.name}"
     if param.name == "method":
         bad = [m for m in param.probes() if m not in methods]
@@ -302,10 +302,6 @@ def _check_method_field(param: Param, settings: SearchSettings, methods: dict, w
 
 
 def _check_training_key(param: Param, base: dict[str, Any], where: str) -> None:
-    from pydantic import ValidationError
-
-    from ..train.config import RunConfig, all_keys, apply_overrides, format_errors
-
     keys = all_keys()
     leaves = [k for k in keys if not any(o.startswith(k + ".") for o in keys)]
     if param.name.split(".")[0] in NO_SEARCH or param.name not in leaves:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..api import attach
 from ..core.delta import Delta, deltas_of
 from ..core.errors import ConfigError, StateError
 from ..core.inject import DeltaWrapper
@@ -50,7 +51,7 @@ def _lora_factors(delta: Delta, weight: float) -> dict[str, Factors]:
     found: dict[str, Factors] = {}
     for att in delta.attachments:
         cfg = att.config
-        if cfg.method == "train":  # whole-module copies (task heads) are combined by _combine_heads
+        if cfg.trains_whole_modules:  # whole-module copies (task heads) are combined by _combine_heads
             continue
         if not isinstance(cfg, LoRA) or cfg.dora:
             kind = "lora(dora=True)" if isinstance(cfg, LoRA) else cfg.method
@@ -111,8 +112,6 @@ def attach_factors(model: nn.Module, factors: dict[str, Factors], name: str,
                    train_modules: list[str] | None = None) -> Delta:
     """Attach a new LoRA delta named ``name`` whose update on each path is exactly B @ A (plus fresh copies
     of ``train_modules``, which callers fill in)."""
-    from ..api import attach
-
     delta = attach(model, lora_config({p: a.shape[0] for p, (_, a) in factors.items()}), name=name,
                    train_modules=train_modules or None)
     wrappers: dict[str, DeltaWrapper] = delta.attachments[0].wrappers()

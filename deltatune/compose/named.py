@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..api import load
 from ..core.checkpoint import atomic_directory, save_checkpoint
 from ..core.delta import Delta, deltas_of
 from ..core.errors import CheckpointError, CheckpointNotFoundError, StateError
@@ -157,8 +158,6 @@ def load_all(model: nn.Module, directory: str | os.PathLike, names: list[str] | 
 
     Which deltas were in effect at save time is restored (among those loaded; none if it was routed).
     """
-    from ..api import load
-
     directory = Path(directory)
     index = _read_index(directory)
     wanted = index["deltas"] if names is None else names

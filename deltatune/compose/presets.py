@@ -6,26 +6,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from ..core.config import DeltaConfig
 from ..methods.adapter import Adapter
+from ..methods.gates import Gates
 from ..methods.lora import LoRA
 from ..methods.prefix import PrefixTuning
-from .gates import Gates, with_gates
-
-
-def expand_configs(configs: Sequence[DeltaConfig | Sequence[DeltaConfig]],
-                   gates: bool | DeltaConfig = False) -> tuple[DeltaConfig, ...]:
-    """Flatten preset lists into one tuple of configs and add the ``Gates`` config when asked for."""
-    flat: list[DeltaConfig] = []
-    for cfg in configs:
-        if isinstance(cfg, (list, tuple)):
-            flat.extend(expand_configs(cfg))
-        else:
-            flat.append(cfg)
-    return tuple(with_gates(flat, gates))
-
 
 # Query and value projections under the names common architectures use (BERT, Llama/Mistral/Qwen, T5);
 # GPT-2 fuses q, k and v into c_attn. A regex, so one preset works across architectures.
@@ -39,7 +24,7 @@ def UniPELT(r: int = 8, alpha: float = 8.0, num_tokens: int = 10, bottleneck: in
     the layer's input. Defaults follow the paper (r=8, alpha=8, prefix length 10, adapter 48 = 768 / 16).
 
     Unlike the paper, the prefix is not gated: its keys/values enter attention's softmax, which a
-    multiplier on a delta path cannot scale (see compose/gates.py); it is trained ungated.
+    multiplier on a delta path cannot scale (see methods/gates.py); it is trained ungated.
     """
     return [LoRA(r=r, alpha=alpha, targets=targets), PrefixTuning(num_tokens=num_tokens),
             Adapter(kind="pfeiffer", bottleneck=bottleneck), Gates(methods=["lora", "adapter"])]

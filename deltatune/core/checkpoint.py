@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import quant
-from .errors import BaseModelMismatchError, CheckpointError, CheckpointNotFoundError
+from .errors import BaseModelMismatchError, CheckpointError, CheckpointNotFoundError, ConfigError
 from .inject import named_base_parameters
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,15 @@ def read_meta(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return directory, meta
 
 
+def load_safetensors(path: Path, error: type[CheckpointError | ConfigError] = CheckpointError,
+                     what: str = "") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with an unreadable file reported as ``error`` (``what`` prefixes it)."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{what}{path} is not a readable safetensors file ({e})") from e
+
+
 def read_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Load the tensor file after checking it against the checksum recorded in the JSON."""
     info = meta.get("tensors", {})
@@ -264,10 +273,7 @@ def read_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
     if info.get("sha256") and file_sha256(path) != info["sha256"]:
         raise CheckpointError(f"{path} does not match the checksum in {CONFIG_FILE}: the file is truncated or "
                               f"corrupt. Re-save the delta or use another checkpoint.")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+    tensors = load_safetensors(path)
     bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:  # loadable, but the outputs will be NaN: say so instead of failing silently later
         log.warning("%s holds NaN/inf values in %d tensor(s) (e.g. %s): the run that saved it probably diverged; "

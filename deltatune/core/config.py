@@ -21,6 +21,10 @@ class DeltaConfig:
 
     method: ClassVar[str] = ""
     recipe: ClassVar[Recipe] = DEFAULT_RECIPE  # training defaults measured for this method (core/recipe.py)
+    # What the core asks a method instead of testing its name (checked against behaviour by the contract test):
+    listed: ClassVar[bool] = True      # users name it in a ``delta:`` list (False: attach adds it, e.g. gates)
+    mergeable: ClassVar[bool] = False  # ``delta.merge()`` folds it into the base weights
+    trains_whole_modules: ClassVar[bool] = False  # it trains copies of whole modules (``train_modules``)
 
     def __post_init__(self) -> None:
         self.check()
@@ -62,7 +66,8 @@ def config_from_dict(data: dict[str, Any], registry: dict[str, type[DeltaConfig]
     data = dict(data)
     name = data.pop("method", None)
     if not isinstance(name, str) or name not in registry:
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(registry))}")
+        known = sorted(n for n, c in registry.items() if c.listed)
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(known)}")
     cls = registry[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(data) - fields))

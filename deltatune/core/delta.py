@@ -25,9 +25,8 @@ from .inject import (
     named_base_parameters,
     remove_module,
 )
+from .registry import mergeable_methods
 from .version import VERSION
-
-TRAIN_PREFIX = "train:"
 
 
 def deltas_of(model: nn.Module) -> dict[str, Delta]:
@@ -56,14 +55,18 @@ class Delta:
     @property
     def train_modules(self) -> dict[str, nn.Module]:
         """The whole modules this delta trains (as copies; see methods/train_modules.py), by path."""
-        return {p: m for a in self.attachments if a.config.method == "train" for p, m in a.modules.items()}
+        return {p: m for a in self.attachments if a.config.trains_whole_modules for p, m in a.modules.items()}
 
     def wrappers(self) -> list[DeltaWrapper]:
         return [w for a in self.attachments for w in a.wrappers().values()]
 
-    def parameters(self) -> dict[str, nn.Parameter]:
-        """Every tensor this delta trains, keyed ``<slot>:<path>.<param>`` (``train:`` for train_modules)."""
-        return {f"{a.slot}:{key}": p for a in self.attachments for key, p in a.parameters().items()}
+    def parameters(self, whole_modules: bool | None = None) -> dict[str, nn.Parameter]:
+        """Every tensor this delta trains, keyed ``<slot>:<path>.<param>`` (``train:`` for train_modules).
+
+        ``whole_modules=True`` keeps only the trained copies of whole modules (``train_modules``: a task head,
+        which trains at its own learning rate), ``False`` only the rest; None: all."""
+        return {f"{a.slot}:{key}": p for a in self.attachments for key, p in a.parameters().items()
+                if whole_modules is None or a.config.trains_whole_modules == whole_modules}
 
     def num_trainable(self) -> int:
         """Number of scalars this delta trains (delta parameters plus ``train_modules``)."""
@@ -135,7 +138,7 @@ class Delta:
         unmergeable = sorted({a.config.method for a in self.attachments if not _foldable(a)})
         if unmergeable:
             raise StateError(f"delta {self.name!r} contains methods that cannot be merged into weights: "
-                             f"{unmergeable}. Mergeable methods: lora (incl. dora), ia3, bitfit (nothing to do).")
+                             f"{unmergeable}. Mergeable methods: {', '.join(mergeable_methods())}.")
         inactive = [w for w in self.wrappers() if not w.active]
         if inactive:
             raise StateError(f"delta {self.name!r} is not active; activate it before merging")

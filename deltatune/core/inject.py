@@ -44,7 +44,9 @@ class DeltaModule(nn.Module):
     ``active`` switches the module's effect off (named deltas, ``dt.deactivate``) without touching weights.
     ``sample_scale`` (per-sample routing, (batch,)) and ``gate_scale`` (gates, (batch,) or (batch, seq)) are
     multipliers of the delta path set per call by deltatune.compose; a module whose forward passes its whole
-    effect through ``scaled`` (so scale 0 gives exactly the base output) sets ``routable = True``.
+    effect through ``scaled`` (so scale 0 gives exactly the base output) sets ``routable = True``. It is opt-in:
+    a module that forgets it is refused by routing and left ungated by gates, loudly, instead of silently
+    ignoring the scales (the contract test routes every routable method and checks the result).
     """
 
     routable: bool = False
@@ -85,7 +87,6 @@ class DeltaWrapper(DeltaModule):
     """
 
     mergeable: bool = False
-    routable: bool = True  # wrappers add their delta through ``scaled``; override if yours cannot
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import StateError
+
 log = logging.getLogger(__name__)
 
 _GUARD_KEY = "_deltatune_quant_guard"
@@ -221,8 +223,6 @@ def check_mergeable(name: str, layers: list[nn.Module]) -> None:
 
     Why refuse: W + dW rounded back to 4 bits loses most of a small dW (a LoRA update is typically far
     below one quantization step), and bitsandbytes' packed weights cannot be written in place anyway."""
-    from .errors import StateError
-
     quantized = [layer for layer in layers if is_quantized(layer)]
     if not quantized:
         return

@@ -47,12 +47,12 @@ def recipe_for(configs: Iterable[Any]) -> Recipe:
     """The recipe of a delta made of ``configs``: each field from the methods that declare a recipe.
 
     Several methods in one delta share one optimizer group, so the learning rate is the smallest of
-    theirs (the most sensitive method sets the pace); ``train`` (whole modules) only sets the head's rate.
+    theirs (the most sensitive method sets the pace); whole modules (``train_modules``) only set the head's rate.
     """
     configs = list(configs)
     declared = [c for c in configs if getattr(c, "recipe", DEFAULT) is not DEFAULT]  # gates etc. follow the rest
-    recipes = [c.recipe for c in declared if c.method != "train"]
-    trains = [c.recipe for c in declared if c.method == "train"]
+    recipes = [c.recipe for c in declared if not c.trains_whole_modules]
+    trains = [c.recipe for c in declared if c.trains_whole_modules]
     if not recipes:  # only whole modules train (head-only, full fine-tuning): the head's settings apply
         head = trains[0] if trains else DEFAULT
         return Recipe(learning_rate=head.head_learning_rate, head_learning_rate=head.head_learning_rate,

@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..api import attach
 from ..core.checkpoint import atomic_directory, read_tensors
-from ..core.delta import TRAIN_PREFIX, Delta
+from ..core.delta import Delta
 from ..core.errors import CheckpointError, CheckpointNotFoundError, StateError
+from ..methods.lora import LoRA, LoRAConv1D, LoRAEmbedding
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -30,8 +32,6 @@ _EMBEDDING_NAMES = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", 
 
 
 def _peft_param(module: nn.Module, name: str) -> str:
-    from ..methods.lora import LoRAEmbedding
-
     table = _EMBEDDING_NAMES if isinstance(module, LoRAEmbedding) else _LINEAR_NAMES
     if name not in table:
         raise StateError(f"PEFT's LoRA format has no place for parameter {name!r} of {type(module).__name__}")
@@ -40,7 +40,8 @@ def _peft_param(module: nn.Module, name: str) -> str:
 
 def _lora_slot(delta: Delta):
     slots = [a for a in delta.attachments if a.config.method == "lora"]
-    others = sorted({a.config.method for a in delta.attachments if a.config.method not in ("lora", "train")})
+    others = sorted({a.config.method for a in delta.attachments
+                     if a.config.method != "lora" and not a.config.trains_whole_modules})
     if len(slots) != 1 or others:
         raise StateError(f"export_peft writes exactly one LoRA; delta {delta.name!r} has "
                          f"{[a.config.method for a in delta.attachments]}. Save it with delta.save() instead.")
@@ -54,8 +55,6 @@ def peft_config(delta: Delta) -> dict[str, Any]:
     ranks = {p: w.r for p, w in wrappers.items()}
     alphas = {p: w.alpha for p, w in wrappers.items()}
     model = delta.model
-    from ..methods.lora import LoRAConv1D
-
     conv1d = any(isinstance(w, LoRAConv1D) for w in wrappers.values())  # GPT-2 layout: PEFT wants the flag
     return {
         "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
@@ -78,9 +77,8 @@ def export_peft(delta: Delta, directory: str | os.PathLike) -> Path:
     for path, module in att.modules.items():
         for name, value in module.saved_state().items():
             tensors[f"{PREFIX}{path}.{_peft_param(module, name)}"] = value
-    for key, value in delta.state_dict().items():
-        if key.startswith(TRAIN_PREFIX):
-            tensors[PREFIX + key[len(TRAIN_PREFIX):]] = value
+    state = delta.state_dict()
+    tensors.update({peft_key: state[key] for peft_key, key in _whole_module_keys(delta).items()})
     config = peft_config(delta)
     with atomic_directory(Path(directory)) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS,
@@ -90,8 +88,6 @@ def export_peft(delta: Delta, directory: str | os.PathLike) -> Path:
 
 
 def _lora_from_peft(cfg: dict[str, Any], where: Path):
-    from ..methods.lora import LoRA
-
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{where / CONFIG}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be "
                               f"imported")
@@ -123,8 +119,6 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
         CheckpointNotFoundError: no adapter_config.json. CheckpointError: unusable config or weights,
         or a pickle file without ``allow_pickle=True``.
     """
-    from ..api import attach
-
     where = Path(directory)
     if not (where / CONFIG).exists():
         raise CheckpointNotFoundError(f"no PEFT adapter at {where}: {CONFIG} not found")
@@ -178,14 +172,17 @@ def _read_weights(where: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def _whole_module_keys(delta: Delta) -> dict[str, str]:
+    """PEFT key -> deltatune key of every tensor of the whole modules the delta trains (PEFT's modules_to_save)."""
+    return {PREFIX + key.split(":", 1)[1]: key for key in delta.parameters(whole_modules=True)}
+
+
 def _to_deltatune_keys(delta: Delta, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map PEFT keys onto this delta's keys; keys with no counterpart stay as they are so that
     the key check reports them."""
     att = delta.attachments[0]
     mapping = {f"{PREFIX}{path}.{_peft_param(m, n)}": f"{att.slot}:{path}.{n}"
                for path, m in att.modules.items() for n in m.saved_state()}
-    for key in delta.state_dict():
-        if key.startswith(TRAIN_PREFIX):
-            mapping[PREFIX + key[len(TRAIN_PREFIX):]] = key
+    mapping.update(_whole_module_keys(delta))
     # PEFT also writes the base embedding weight for embedding targets ("...base_layer.weight"): not a delta
     return {mapping.get(k, k): v for k, v in tensors.items() if not k.endswith("base_layer.weight")}

@@ -31,9 +31,9 @@ from ..core.errors import ConfigError, TargetError
 from ..core.inject import Attachment, DeltaWrapper, named_base_modules, wrap_module
 from ..core.layers import linear_types
 from ..core.recipe import Recipe
+from ..core.registry import register
 from ..core.structure import features, transformer_blocks
 from ..core.targets import Targets, find_targets
-from .registry import register
 
 KINDS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -68,6 +68,8 @@ class BottleneckAdapter(DeltaWrapper):
 
     Tuple outputs (attention modules) get the adapter on their first element.
     """
+
+    routable = True  # the adapter's output goes through ``scaled``
 
     def __init__(self, base: nn.Module, dims: tuple[int, int], cfg: Adapter, parallel: bool,
                  source: str | None = None) -> None:

@@ -22,9 +22,9 @@ from ..core.config import DeltaConfig
 from ..core.errors import AttachError
 from ..core.inject import Attachment, named_base_modules
 from ..core.recipe import Recipe
+from ..core.registry import register
 from ..core.structure import transformer_blocks
 from ..core.targets import Targets, _backbone_prefix, find_targets, layer_index
-from .registry import register
 
 SUBSETS = ("all", "attention", "ffn", "norm")
 
@@ -32,6 +32,7 @@ SUBSETS = ("all", "attention", "ffn", "norm")
 @dataclasses.dataclass
 class BitFit(DeltaConfig):
     method = "bitfit"
+    mergeable = True  # nothing to fold: the trained biases are the base's own
     recipe = Recipe(learning_rate=3e-3, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
 
     which: str | list[str] = "all"   # bias subset(s): all, attention, ffn, norm; fewer biases, fewer numbers

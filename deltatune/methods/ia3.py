@@ -25,9 +25,9 @@ from ..core.inject import Attachment, DeltaWrapper, wrap_module
 from ..core.layers import linear_types
 from ..core.merge_on_the_fly import linear_forward, merges_pay
 from ..core.recipe import Recipe
+from ..core.registry import register
 from ..core.structure import features, transformer_blocks
 from ..core.targets import Targets, find_targets
-from .registry import register
 
 # Below this a scale can't be divided back out exactly, so unmerge would not restore the weight.
 _MIN_MERGE_SCALE = 1e-6
@@ -36,6 +36,7 @@ _MIN_MERGE_SCALE = 1e-6
 @dataclasses.dataclass
 class IA3(DeltaConfig):
     method = "ia3"
+    mergeable = True
     recipe = Recipe(learning_rate=3e-3, head_learning_rate=1e-2)  # measured: BENCHMARKS.md "Defaults"
 
     targets: Targets | None = None      # None: keys, values and FFN down projections found from the structure
@@ -52,6 +53,7 @@ class IA3Linear(DeltaWrapper):
     """Rescales a Linear/Conv1D: y = l * (W x + b) (keys, values) or y = W (l * x) + b (FFN); l starts at 1."""
 
     mergeable = True
+    routable = True
 
     def __init__(self, base: nn.Module, on_input: bool) -> None:
         super().__init__(base)

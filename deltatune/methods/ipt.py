@@ -23,17 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..core.checkpoint import read_meta, read_tensors
+from ..core.checkpoint import load_safetensors, read_meta, read_tensors
 from ..core.config import DeltaConfig
 from ..core.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..core.inject import Attachment, DeltaModule
 from ..core.recipe import Recipe
+from ..core.registry import register
 from .prompt import check_prompt_fields, initial_prompt, input_embeddings, install_prompt
-from .registry import register
 
 
 @dataclasses.dataclass
@@ -102,10 +101,7 @@ def _load_projection(cfg: IntrinsicPromptTuning, hidden: int) -> tuple[torch.Ten
     if not path.is_file():
         raise CheckpointNotFoundError(f"ipt.projection: {path} does not exist; write it with "
                                       f"dt.fit_intrinsic_subspace([...prompt checkpoints], intrinsic_dim, path)")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConfigError(f"ipt.projection: {path} is not a readable safetensors file ({e})") from e
+    tensors = load_safetensors(path, ConfigError, "ipt.projection: ")
     if set(tensors) != {"offset", "basis"}:
         raise ConfigError(f"ipt.projection: {path} must hold 'offset' and 'basis', found {sorted(tensors)}")
     width = cfg.num_tokens * hidden

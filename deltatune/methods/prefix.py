@@ -34,7 +34,7 @@ from ..core.config import DeltaConfig
 from ..core.errors import AttachError, StateError
 from ..core.inject import Attachment, DeltaModule, add_free_module, named_base_modules
 from ..core.recipe import Recipe
-from .registry import register
+from ..core.registry import register
 
 # Attention implementations a prefix can be added to, and the name of the prefixing variant of each.
 # Flash attention takes padding as unpadded sequences and flex attention a BlockMask: neither has a dense

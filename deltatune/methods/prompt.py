@@ -29,7 +29,7 @@ from ..core.config import DeltaConfig
 from ..core.errors import AttachError, ConfigError, StateError
 from ..core.inject import Attachment, DeltaModule, add_free_module
 from ..core.recipe import Recipe
-from .registry import register
+from ..core.registry import register
 
 INITS = "'random', 'vocab' or 'text:<words>'"
 

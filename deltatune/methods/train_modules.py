@@ -19,13 +19,16 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
 from ..core.recipe import Recipe
+from ..core.registry import register
 from ..core.targets import find_modules
-from .registry import register
 
 
 @dataclasses.dataclass
 class TrainModules(DeltaConfig):
     method = "train"
+    listed = False  # added by attach(..., train_modules=...), not named in a delta list
+    mergeable = True  # merging writes the trained copy into the original
+    trains_whole_modules = True
     recipe = Recipe(learning_rate=1e-2, head_learning_rate=1e-2)  # measured: BENCHMARKS.md "Defaults"
 
     modules: list[str] = dataclasses.field(default_factory=list)  # names (same syntax as targets) to train fully
@@ -40,6 +43,7 @@ class ModuleCopy(DeltaWrapper):
     the original (and unmerging puts the originals back)."""
 
     mergeable = True
+    routable = True  # with a scale set, the copy's change goes through ``scaled``
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)

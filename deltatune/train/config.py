@@ -26,6 +26,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     field_validator,
 )
@@ -33,6 +34,7 @@ from pydantic import (
 from ..core.config import DeltaConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..core.recipe import Recipe, recipe_for
+from ..core.registry import config_classes
 from .quantization import QuantizationConfig, require_backend
 
 Task = Literal["classification", "causal_lm", "instruction"]
@@ -149,6 +151,9 @@ class RunConfig(Section):
                                         validation_alias=AliasChoices("delta", "methods"))
     train_modules: Literal["auto"] | list[str] = "auto"  # auto: the modules the checkpoint lacked (a new head)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # the method configs built from ``delta`` (and the list they were built from): built once, where they are
+    # first needed (check_methods, when the config is loaded), then handed to attach as they are
+    _built: tuple[list, list[DeltaConfig]] | None = PrivateAttr(default=None)
 
     @field_validator("delta", mode="before")
     @classmethod
@@ -156,10 +161,15 @@ class RunConfig(Section):
         return [value] if isinstance(value, dict) else value
 
     def delta_configs(self) -> list[DeltaConfig]:
-        """The method config objects (validated by ``check_methods`` when the config was loaded)."""
-        from ..methods import config_classes
+        """The method config objects of ``delta``; a bad entry is a ConfigError naming it (``delta[1]: ...``)."""
+        if self._built is None or self._built[0] is not self.delta:
+            self._built = (self.delta, [_method_config(i, entry) for i, entry in enumerate(self.delta)])
+        return self._built[1]
 
-        return [config_from_dict(d, config_classes()) for d in self.delta]
+    def set_delta_configs(self, configs: list[DeltaConfig]) -> None:
+        """Write ``configs`` back as ``delta`` (every field spelled out), keeping the objects."""
+        self.delta = [c.to_dict() for c in configs]
+        self._built = (self.delta, list(configs))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -309,17 +319,19 @@ def format_errors(error: ValidationError, where: str) -> str:
     return f"invalid {where}: " + "; ".join(lines)
 
 
+def _method_config(index: int, entry: dict[str, Any]) -> DeltaConfig:
+    """One ``delta`` entry as its method config; only methods users name are known here (not ``train``)."""
+    try:
+        return config_from_dict(entry, config_classes(listed_only=True))
+    except ConfigError as e:
+        raise ConfigError(f"delta[{index}]: {e}") from None
+
+
 def check_methods(cfg: RunConfig) -> None:
     """Build every method config now, so a bad ``delta`` entry fails before any model is loaded."""
-    from ..methods import config_classes
-
     if not cfg.delta:
         raise ConfigError("delta: the list is empty; give at least one method, e.g. delta: [{method: lora, r: 8}]")
-    for i, entry in enumerate(cfg.delta):
-        try:
-            config_from_dict(entry, config_classes())
-        except ConfigError as e:
-            raise ConfigError(f"delta[{i}]: {e}") from None
+    cfg.delta_configs()
     if cfg.train.fused_loss and cfg.task == "classification":
         raise ConfigError("train.fused_loss fuses a language model's output layer with its loss; task "
                           "classification has no such layer: set it to false")
@@ -358,7 +370,7 @@ def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
     cfg.output_dir = cfg.output_dir or str(Path("runs") / cfg.run_name)
     cfg.train.metric = cfg.train.metric or ("accuracy" if cfg.task == "classification" else "perplexity")
     fill_from_recipe(cfg.train, recipe_for(cfg.delta_configs()))
-    cfg.delta = [c.to_dict() for c in cfg.delta_configs()]  # every field spelled out, defaults included
+    cfg.set_delta_configs(cfg.delta_configs())  # every field spelled out, defaults included
     return cfg
 
 

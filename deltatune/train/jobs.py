@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from ..api import attach, load, merge_and_save
+from ..api import attach, load
 from ..core import onednn
 from ..core.checkpoint import CONFIG_FILE, TENSORS_FILE
 from ..core.errors import CheckpointNotFoundError, ConfigError
 from ..inspect import inspect
+from ..interop.merged import merge_and_save
 from ..interop.peft import export_peft
 from . import distributed
 from .batches import Encoded

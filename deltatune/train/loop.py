@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.delta import TRAIN_PREFIX, Delta
+from ..core.delta import Delta
 from ..core.errors import ConfigError, DeltaError
 from ..core.lm_loss import FusedLMLoss
 from . import distributed
@@ -66,9 +66,8 @@ def seed_everything(seed: int) -> None:
 
 def build_optimizer(delta: Delta, t: TrainConfig) -> torch.optim.AdamW:
     """AdamW with one group for the delta and one for ``train_modules`` (its own learning rate)."""
-    groups: dict[str, list[nn.Parameter]] = {"delta": [], "head": []}
-    for key, param in delta.parameters().items():
-        groups["head" if key.startswith(TRAIN_PREFIX) else "delta"].append(param)
+    groups = {"delta": list(delta.parameters(whole_modules=False).values()),
+              "head": list(delta.parameters(whole_modules=True).values())}
     lrs = {"delta": t.learning_rate, "head": t.head_learning_rate or t.learning_rate}
     param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps]
     if t.optimizer == "adamw8bit":

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from ..core.checkpoint import atomic_directory
+
 log = logging.getLogger(__name__)
 
 # backend -> (the module that must import, what to install); pins as in constraints.txt / .ci/run
@@ -109,8 +111,6 @@ def dequantized_gguf(path: str, gguf_file: str) -> Path:
         return target
     import torch
     from transformers import AutoModelForCausalLM
-
-    from ..core.checkpoint import atomic_directory
 
     log.info("dequantizing %s to float32 once (transformers cannot quantize a GGUF on load): %s", source, target)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)

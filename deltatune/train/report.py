@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import CheckpointNotFoundError
+from .loop import MetricsLog
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def _read(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from .loop import MetricsLog
-
     if not (run_dir / METRICS_FILE).exists():
         raise CheckpointNotFoundError(f"{run_dir} has no {METRICS_FILE}; pass the directory of a training run "
                                       f"(e.g. runs/default)")

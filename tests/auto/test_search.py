@@ -159,3 +159,15 @@ def test_importances_need_two_completed_trials_and_find_the_parameter_that_matte
     study.optimize(lambda t: 10 * t.suggest_float("x", 0, 1) + 0.01 * t.suggest_float("y", 0, 1), n_trials=20)
     found, note = importances(study)
     assert note is None and found["x"] > 0.9 > found["y"]
+
+
+def test_the_search_example_is_valid(shared_data, monkeypatch):
+    """examples/search/sst2.yaml (the README's search command) passes every check run before the first trial."""
+    from pathlib import Path
+
+    from deltatune.auto.search import prepare
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the example names ../shared/data relative to the project root, as the README runs it
+    settings, base, metric = prepare(root / "examples" / "search" / "sst2.yaml", [])
+    assert metric == "accuracy" and {p.name for p in settings.params} >= {"method", "lora.r"}

@@ -13,8 +13,8 @@ from torch import nn
 
 from ...core.inject import Attachment, DeltaWrapper, wrap_module
 from ...core.layers import linear_types
+from ...core.registry import register
 from ...core.targets import find_targets
-from ..registry import register
 from .budget import RankAllocator, RankBudget
 from .config import LoRA
 from .dora import DoRAConv1D, DoRAEmbedding, DoRALinear

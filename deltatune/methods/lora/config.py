@@ -19,6 +19,7 @@ from .budget import RankBudget
 @dataclasses.dataclass
 class LoRA(DeltaConfig):
     method = "lora"
+    mergeable = True
     recipe = Recipe(learning_rate=1e-3, head_learning_rate=1e-3)  # measured: BENCHMARKS.md "Defaults"
 
     r: int = 8                   # rank: capacity, size and compute grow linearly with it

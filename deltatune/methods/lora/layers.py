@@ -27,6 +27,7 @@ class LoRALinear(DeltaWrapper):
     anything else (hooks, routing, stacked deltas, autocast) runs the two paths separately."""
 
     mergeable = True
+    routable = True  # the LoRA path goes through ``scaled`` (or the fused path, taken only when no scale is set)
 
     def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoRA) -> None:
         super().__init__(base)
@@ -194,6 +195,7 @@ class LoRAEmbedding(DeltaWrapper):
     """LoRA on nn.Embedding: a rank-r correction to the looked-up rows, delta = (B A)^T of shape (vocab, dim)."""
 
     mergeable = True
+    routable = True  # the LoRA path goes through ``scaled``
 
     def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoRA) -> None:
         super().__init__(base)

@@ -25,7 +25,7 @@ from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import AttachError, ConfigError, StateError
 from ..core.inject import Attachment, DeltaModule, add_free_module
-from ..methods.registry import register
+from ..core.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Gates(DeltaConfig):
     method = "gates"
+    listed = False  # added by attach(..., gates=True) or a dt.Gates(...) config, not named in a delta list
 
     init: float = 0.5                  # gate value at step 0 (w = 0, b = logit(init)); 1.0 would be ungated
     methods: list[str] | None = None   # slots to gate ("lora", "adapter", ...); None: every method in a layer

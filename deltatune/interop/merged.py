@@ -1,4 +1,4 @@
-"""Merging a delta trained on a quantized base: dequantize, merge exactly, write full precision (or requantize).
+"""``dt.merge_and_save``: a standalone model for plain transformers, in any dtype, from a quantized base too.
 
 ``Delta.merge`` refuses on a quantized base (rounding W + dW to 4 bits erases most of a small dW). This is
 the honest way out, used by ``dt.merge_and_save(delta, dir, dtype=...)``: build a full-precision copy of the
@@ -26,16 +26,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import attach
-from .core import quant
-from .core.checkpoint import atomic_directory
-from .core.delta import Delta
-from .core.errors import ConfigError, StateError
-from .core.inject import base_state_dict, named_base_modules
+from ..api import attach
+from ..api import merge_and_save as merge_in_place
+from ..core import quant
+from ..core.checkpoint import atomic_directory
+from ..core.delta import Delta
+from ..core.errors import ConfigError, StateError
+from ..core.inject import base_state_dict, named_base_modules
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "requantize_report.json"
+
+
+def merge_and_save(delta: Delta, directory: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                   requantize: bool = False, **save_kwargs: Any) -> Path:
+    """Write base + delta as a standalone model that plain ``from_pretrained`` loads (no deltatune needed).
+
+    A full-precision base without ``dtype``: merged in place for the write and unmerged after
+    (``Delta.save_merged``). With ``dtype`` ('bfloat16', 'float16', 'float32') or on a quantized base: a
+    full-precision copy, merged exactly, written in ``dtype`` (default: the base's dtype before quantization).
+    ``requantize=True`` (quantized base): quantize the merged model again with the base's config, write that,
+    and record in ``requantize_report.json`` how much of the delta the rounding lost.
+    """
+    if dtype is None and not requantize and not quant.is_quantized_model(delta.model):
+        return merge_in_place(delta, directory, **save_kwargs)
+    return save_dequantized(delta, directory, dtype, requantize, **save_kwargs)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -1,7 +1,10 @@
 """The method registry: name -> (config class, attach rule). The only module-level mutable state.
 
-A method file defines a ``DeltaConfig`` subclass and decorates its attach rule with ``@register(Config)``;
-importing ``deltatune.methods`` imports every method file, so adding a method is adding a file.
+A method file under ``deltatune/methods/`` defines a ``DeltaConfig`` subclass and decorates its attach rule
+with ``@register(Config)``; importing ``deltatune.methods`` imports every method file, so adding a method is
+adding a file. The registry lives in the core so that the core can answer questions about methods (which
+are mergeable, which names users may write) without importing them; what it answers comes from the config
+classes' own declarations (``DeltaConfig.listed``, ``.mergeable``, ``.trains_whole_modules``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..core.config import DeltaConfig
-from ..core.inject import Attachment
+from .config import DeltaConfig
+from .errors import ConfigError
+from .inject import Attachment
 
 # A rule fills in the Attachment as it goes, so a failure half-way can be undone from the record.
 AttachRule = Callable[[nn.Module, DeltaConfig, Attachment], None]
@@ -44,13 +48,19 @@ def register(config_cls: type[DeltaConfig], sees_delta: bool = False) -> Callabl
 
 
 def method_for(config: DeltaConfig) -> Method:
-    from ..core.errors import ConfigError
-
     if not isinstance(config, DeltaConfig) or config.method not in METHODS:
         raise ConfigError(f"{config!r} is not a delta method config; use one of "
-                          f"{sorted(m.config.__name__ for m in METHODS.values())} (e.g. dt.LoRA(r=8))")
+                          f"{sorted(m.config.__name__ for m in METHODS.values() if m.config.listed)} "
+                          f"(e.g. dt.LoRA(r=8))")
     return METHODS[config.method]
 
 
-def config_classes() -> dict[str, type[DeltaConfig]]:
-    return {name: m.config for name, m in METHODS.items()}
+def config_classes(listed_only: bool = False) -> dict[str, type[DeltaConfig]]:
+    """Config class by method name: every registered one (what a checkpoint may hold), or with
+    ``listed_only`` those users name themselves (not ``train``/``gates``, which attach adds for them)."""
+    return {name: m.config for name, m in METHODS.items() if m.config.listed or not listed_only}
+
+
+def mergeable_methods() -> list[str]:
+    """Names of the methods ``Delta.merge`` can fold into the base weights, for messages."""
+    return sorted(name for name, m in METHODS.items() if m.config.mergeable and m.config.listed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.compose.gates import Gate
+from deltatune.methods.gates import Gate
 from tests.conftest import BUILDERS, batch, logits, perturb
 
 
