@@ -3,7 +3,8 @@
 - config.py: the ``LoRA`` config (rank, scaling, targets, DoRA, init, rank budget);
 - layers.py: the wrappers for Linear / Conv1D / Embedding and the fused training product;
 - dora.py: DoRA's wrappers (``dt.LoRA(dora=True)``), built on layers.py;
-- budget.py: the adaptive rank budget (``dt.RankBudget``), which prunes and truncates these wrappers.
+- budget.py: the adaptive rank budget (``dt.RankBudget``), which prunes and truncates these wrappers;
+- loftq.py: ``init="loftq"``, the factors started at a quantized base's quantization error.
 This file picks a wrapper per layer and registers the attach rule.
 """
 
@@ -19,6 +20,7 @@ from .budget import RankAllocator, RankBudget
 from .config import LoRA
 from .dora import DoRAConv1D, DoRAEmbedding, DoRALinear
 from .layers import LoRAConv1D, LoRAEmbedding, LoRALinear
+from .loftq import init_loftq
 
 __all__ = ["LoRA", "RankBudget", "LoRALinear", "LoRAConv1D", "LoRAEmbedding", "DoRALinear", "DoRAConv1D",
            "DoRAEmbedding", "wrapper_class"]
@@ -44,5 +46,7 @@ def attach(model: nn.Module, cfg: LoRA, att: Attachment) -> None:
             return wrapper_class(layer, cfg.dora)(module, r, alpha, cfg)
 
         att.modules[path] = wrap_module(model, path, make)
+    if cfg.init == "loftq":
+        init_loftq(model, att.modules)
     if cfg.adaptive is not None:
         att.controllers.append(RankAllocator(model, att, cfg.adaptive))

@@ -29,7 +29,8 @@ class LoRA(DeltaConfig):
     layers: list[int] | None = None  # keep only these transformer blocks (None: all)
     rslora: bool = False         # scale by alpha / sqrt(r): stable when sweeping large ranks
     dora: bool = False           # DoRA: learn a per-output magnitude too (Liu et al., 2024); still mergeable
-    init: str = "kaiming"        # how A starts: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r)
+    init: str = "kaiming"        # how A starts: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r);
+    #                              "loftq": A and B at the quantization error's top-r SVD (quantized bases, loftq.py)
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)     # per-module r overrides
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # per-module alpha overrides
     # prune/reallocate rank during training down to a total budget (AdaLoRA-like; see methods/lora/budget.py)
@@ -43,7 +44,9 @@ class LoRA(DeltaConfig):
         self._require(isinstance(self.r, int) and self.r > 0, "r", "a positive integer")
         self._require(self.alpha > 0, "alpha", "> 0")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
-        self._require(self.init in ("kaiming", "gaussian"), "init", "'kaiming' or 'gaussian'")
+        self._require(self.init in ("kaiming", "gaussian", "loftq"), "init", "'kaiming', 'gaussian' or 'loftq'")
+        self._require(not (self.init == "loftq" and self.dora), "init", "'kaiming' or 'gaussian' with dora "
+                      "(DoRA's magnitude starts from B = 0)")
         self._require(all(isinstance(v, int) and v > 0 for v in self.rank_pattern.values()),
                       "rank_pattern", "a mapping of module patterns to positive integers")
         self._require(all(v > 0 for v in self.alpha_pattern.values()), "alpha_pattern",
