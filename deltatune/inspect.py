@@ -54,7 +54,7 @@ def _tree(rows: list[tuple[str, str, str, int]]) -> list[str]:
 def inspect(model: nn.Module) -> str:
     """Describe the model's deltas: per delta its methods, state and trainable share, then a module tree
     of every attach point with the method and parameter count there."""
-    base = sum(p.numel() for _, p in named_base_parameters(model))
+    base = sum(quant.numel(p) for _, p in named_base_parameters(model))  # a packed 4-bit weight: its logical size
     own = sum(p.numel() for m in model.modules() if isinstance(m, DeltaModule) for _, p in m.own_parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     table = deltas_of(model)

@@ -75,7 +75,7 @@ class Delta:
     def num_total(self) -> int:
         """Base model parameters plus this delta's own parameters."""
         own = sum(p.numel() for a in self.attachments for m in a.modules.values() for _, p in m.own_parameters())
-        unique = {id(p): p.numel() for _, p in named_base_parameters(self.model)}  # tied weights count once
+        unique = {id(p): quant.numel(p) for _, p in named_base_parameters(self.model)}  # tied weights count once
         return sum(unique.values()) + own
 
     def summary(self) -> str:

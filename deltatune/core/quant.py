@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any
 
 import torch
@@ -94,6 +95,11 @@ def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
     if kind_of(param) == "bnb4":
         return tuple(param.quant_state.shape)
     return tuple(param.shape)
+
+
+def numel(param: torch.Tensor) -> int:
+    """Number of weights a parameter stands for (two 4-bit weights share a stored byte)."""
+    return math.prod(logical_shape(param))
 
 
 def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -115,5 +115,27 @@ def dequantized_gguf(path: str, gguf_file: str) -> Path:
     log.info("dequantizing %s to float32 once (transformers cannot quantize a GGUF on load): %s", source, target)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
+        _write_plain(model, tmp)
     return target
+
+
+def _write_plain(model: Any, directory: Path) -> None:
+    """``save_pretrained`` without it: transformers 5.25 refuses to save a GGUF-loaded model ("quantized with
+    gguf and is not serializable"), though its weights are plain float32 by now. Tied weights are written once
+    (safetensors refuses shared storage); the config's tie_word_embeddings ties them again on load."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})

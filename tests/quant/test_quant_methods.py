@@ -137,6 +137,8 @@ def test_inspect_names_the_quantization(loader, scheme):
     expected = {"nf4": "Linear4bit(64x64) nf4", "fp4-dq": "Linear4bit(64x64) fp4 double-quant",
                 "int8": "Linear8bitLt(64x64) int8", "torchao-int8": "Linear(64x64) torchao Int8Tensor"}[scheme]
     assert expected in text, text
+    full = sum(p.numel() for p in loader(None).parameters())
+    assert f"{full / 1e6:.2f}M base parameters" in text or f"{full:,} base parameters" in text  # logical count
 
 
 def test_detach_restores_the_quantized_model(loader):
