@@ -12,7 +12,8 @@ dropout) on batch 2 x 128 random tokens, AdamW lr 1e-4, 2 threads:
 
 Configs: ``<library>-<base>[-ckpt][-fused]``: library ``dt`` or ``peft``; base ``nf4`` (bitsandbytes 4-bit
 nf4, compute float32) or ``fp32``; ``ckpt``: activation checkpointing (both libraries); ``fused``: deltatune's
-fused output-layer loss (core/lm_loss.py). Memory is read from /proc (VmHWM: peak resident set; reset after
+fused output-layer loss (core/lm_loss.py); ``adam8``: bitsandbytes' AdamW8bit instead of
+torch's AdamW. Memory is read from /proc (VmHWM: peak resident set; reset after
 loading to also get the training-only peak).
 """
 
@@ -144,7 +145,12 @@ def run(config: str, path: Path, steps: int, warmup: int) -> dict:
     memory = where_memory_goes(model)
     loaded, loaded_peak = _status("VmRSS"), _status("VmHWM")
     _reset_peak()
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    if "adam8" in options:  # bitsandbytes' AdamW8bit (train.optimizer: adamw8bit)
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4)
     fused = None
     if "fused" in options:
         from deltatune.core.lm_loss import FusedLMLoss
@@ -163,7 +169,10 @@ def run(config: str, path: Path, steps: int, warmup: int) -> dict:
         losses.append(loss.item())
         if step >= warmup:
             times.append(elapsed)
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    state_mib = round(sum(v.numel() * v.element_size() for v in state) / 2**20, 2)
     return {"config": config, "base": base, "library": library, "options": options, "steps": steps,
+            "optimizer_state_mib": state_mib,
             "step_s": times, "median_step_s": statistics.median(times), "losses": losses,
             "runtime_rss_mib": round(start_rss, 1), "loaded_rss_mib": round(loaded, 1),
             "loaded_peak_mib": round(loaded_peak, 1),
