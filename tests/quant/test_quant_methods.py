@@ -171,3 +171,20 @@ def test_gradients_through_repacked_layers_match_the_unpacked_ones(loader):
     # the repacked kernel computes in bf16 (bitsandbytes 0.50.2): equal within bf16 precision
     # (without the hook the repacked layers pass no gradient and this relative error is ~0.95)
     assert (grads[1] - grads[0]).norm() < 0.05 * grads[0].norm()
+
+
+def test_activation_checkpointing_gives_the_same_gradients(loader):
+    from deltatune.train.jobs import enable_activation_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        model = loader("nf4")
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        delta = dt.attach(model, *configs("lora"))
+        model.train()
+        x = ids()
+        model(input_ids=x, labels=x).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in delta.parameters().items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
