@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-sharded lint conformance bench bench-quality bench-defaults clean
+.PHONY: install demo test test-fast test-sharded lint conformance bench bench-quality bench-defaults bench-quant clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ bench: install  ## speed / memory / latency vs PEFT, one configuration per proce
 	$(PY) bench/speed.py pair-table --out bench/results/pair.jsonl
 	$(PY) bench/peft_trainer.py e2e --out bench/results/e2e.jsonl
 	$(PY) bench/gemm_rate.py
+
+bench-quant: install  ## nf4 QLoRA vs PEFT + bitsandbytes on a random 0.5B Llama: peak RSS, step time (issue 21; ~1 h)
+	$(PY) bench/quant.py make-model
+	$(PY) bench/quant.py pair --rounds 2 --out bench/results/quant.jsonl
+	$(PY) bench/quant.py table --out bench/results/quant.jsonl
 
 bench-quality: install  ## accuracy of every method (and PEFT's LoRA) on SST-2, MRPC, CoLA, MR; table + PNG (~1 h)
 	$(PY) bench/quality.py sweep --tasks quality --recipes quality --jobs 2

@@ -7,7 +7,7 @@
     dt.load(fresh_model, "runs/lora")
 """
 
-from .api import attach, detach, load, merge_and_save, recipe
+from .api import attach, detach, load, recipe
 from .compose.algebra import combine
 from .compose.extract import extract_lora
 from .compose.named import activate, active, deactivate, deltas, load_all, save_all
@@ -31,6 +31,7 @@ from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
 from .core.version import VERSION as __version__
 from .inspect import inspect
+from .interop.merged import merge_and_save  # api.merge_and_save plus dtype= and quantized bases
 from .interop.peft import export_peft, import_peft
 from .methods.adapter import Adapter
 from .methods.bitfit import BitFit

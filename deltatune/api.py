@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .core import quant
 from .core.checkpoint import check_fingerprint, read_meta, read_tensors
 from .core.checkpoint import fingerprint as base_fingerprint
 from .core.config import DeltaConfig, config_from_dict
@@ -124,6 +125,7 @@ def attach(model: nn.Module, *configs: DeltaConfig | Sequence[DeltaConfig], name
     for param in delta.parameters().values():
         param.requires_grad_(True)
     deltas_of(model)[name] = delta
+    quant.guard_gradients(model)  # bitsandbytes' packed CPU layers give no input gradient (core/quant.py)
     return delta
 
 
@@ -148,6 +150,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     where, meta = read_meta(directory)
     if check_base:
         check_fingerprint(meta.get("base_model", {}), model, where)
+    quant.note_quantization(meta.get("base_quantization"), model, where)
     try:
         configs = [config_from_dict(m["config"], config_classes()) for m in meta["methods"]]
     except (KeyError, TypeError) as e:
@@ -168,6 +171,7 @@ def merge_and_save(delta: Delta, directory: str | os.PathLike, **save_kwargs) ->
     """Write base + delta as a standalone model that plain ``from_pretrained`` loads (no deltatune needed).
 
     The delta is merged for the write and returned to its previous state afterwards (``Delta.save_merged``).
+    ``dt.merge_and_save`` is ``interop.merged.merge_and_save``: this plus ``dtype=`` and quantized bases.
     """
     return delta.save_merged(directory, **save_kwargs)
 

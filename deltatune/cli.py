@@ -174,14 +174,19 @@ def inspect(model: Annotated[str, typer.Argument(help="Model directory or hub na
 @app.command()
 def merge(target: Annotated[str, typer.Argument(help="A run dir or a checkpoint directory.")],
           out: Annotated[Path, typer.Argument(help="Where to write the merged model.")],
-          checkpoint: Checkpoint = None, model: ModelPath = None, task: Task = None, debug: Debug = False) -> None:
+          checkpoint: Checkpoint = None, model: ModelPath = None, task: Task = None,
+          dtype: Annotated[str | None, typer.Option("--dtype", help="Write the model in this dtype (bfloat16, "
+                                                    "float16, float32); a quantized base is dequantized.")] = None,
+          requantize: Annotated[bool, typer.Option("--requantize", help="Quantized base: merge, quantize again "
+                                                   "and report the error that costs.")] = False,
+          debug: Debug = False) -> None:
     """Write base + delta as one standalone model (plain transformers from_pretrained loads it)."""
     with _guard(debug):
         from .train.jobs import locate
         from .train.jobs import merge as merge_job
 
         cfg, where = locate(target, checkpoint, model, task)
-        typer.echo(f"merged model written to {merge_job(cfg, _need(where, target), out)}")
+        typer.echo(f"merged model written to {merge_job(cfg, _need(where, target), out, dtype, requantize)}")
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .core import quant
 from .core.delta import Delta, deltas_of
 from .core.inject import DeltaModule, DeltaWrapper, named_base_parameters
 
@@ -15,8 +16,10 @@ def _fmt(n: int) -> str:
 def _layer_desc(module: nn.Module) -> str:
     layer = module.base_layer() if isinstance(module, DeltaWrapper) else module
     weight = getattr(layer, "weight", None)
-    shape = "x".join(map(str, weight.shape)) if weight is not None else ""
-    return f"{type(layer).__name__}({shape})" if shape else type(layer).__name__
+    shape = "x".join(map(str, quant.logical_shape(weight))) if weight is not None else ""
+    name, _, quantized = quant.describe(layer).partition(" ")  # 'Linear4bit nf4' on a quantized base
+    text = f"{name}({shape})" if shape else name
+    return f"{text} {quantized}" if quantized else text
 
 
 def _module_rows(delta: Delta) -> list[tuple[str, str, str, int]]:
@@ -51,7 +54,7 @@ def _tree(rows: list[tuple[str, str, str, int]]) -> list[str]:
 def inspect(model: nn.Module) -> str:
     """Describe the model's deltas: per delta its methods, state and trainable share, then a module tree
     of every attach point with the method and parameter count there."""
-    base = sum(p.numel() for _, p in named_base_parameters(model))
+    base = sum(quant.numel(p) for _, p in named_base_parameters(model))  # a packed 4-bit weight: its logical size
     own = sum(p.numel() for m in model.modules() if isinstance(m, DeltaModule) for _, p in m.own_parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     table = deltas_of(model)

@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import quant
 from .errors import BaseModelMismatchError, CheckpointError, CheckpointNotFoundError, ConfigError
 from .inject import named_base_parameters
 
@@ -37,12 +39,15 @@ CONFIG_FILE = "delta_config.json"
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Architecture and parameter shapes of the *base* model (delta parameters excluded)."""
-    shapes = sorted((name, list(p.shape)) for name, p in named_base_parameters(model))
+    """Architecture and parameter shapes of the *base* model (delta parameters excluded).
+
+    Shapes are the full-precision ones (a 4-bit weight is stored packed), so a delta trained on a quantized
+    base loads onto the same model at full precision and the other way round."""
+    shapes = sorted((name, list(quant.logical_shape(p))) for name, p in named_base_parameters(model))
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
     config = getattr(model, "config", None)
     return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None),
-            "num_parameters": sum(p.numel() for _, p in named_base_parameters(model)), "shapes_sha256": digest}
+            "num_parameters": sum(math.prod(shape) for _, shape in shapes), "shapes_sha256": digest}
 
 
 def check_fingerprint(saved: dict[str, Any], model: nn.Module, where: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .checkpoint import atomic_directory, check_keys, save_checkpoint
 from .errors import StateError
 from .inject import (
@@ -74,7 +75,7 @@ class Delta:
     def num_total(self) -> int:
         """Base model parameters plus this delta's own parameters."""
         own = sum(p.numel() for a in self.attachments for m in a.modules.values() for _, p in m.own_parameters())
-        unique = {id(p): p.numel() for _, p in named_base_parameters(self.model)}  # tied weights count once
+        unique = {id(p): quant.numel(p) for _, p in named_base_parameters(self.model)}  # tied weights count once
         return sum(unique.values()) + own
 
     def summary(self) -> str:
@@ -133,6 +134,7 @@ class Delta:
         self._check_attached("merge")
         if self.is_merged:
             raise StateError(f"delta {self.name!r} is already merged; call unmerge() first")
+        quant.check_mergeable(self.name, [w.base_layer() for w in self.wrappers()])
         unmergeable = sorted({a.config.method for a in self.attachments if not _foldable(a)})
         if unmergeable:
             raise StateError(f"delta {self.name!r} contains methods that cannot be merged into weights: "
@@ -218,7 +220,8 @@ class Delta:
     def metadata(self) -> dict[str, Any]:
         return {"deltatune_version": VERSION, "name": self.name,
                 "methods": [{"slot": a.slot, "config": a.config.to_dict()} for a in self.attachments],
-                "train_modules": list(self.train_modules), "base_model": self.base_fingerprint}
+                "train_modules": list(self.train_modules), "base_model": self.base_fingerprint,
+                "base_quantization": quant.model_quantization(self.model)}
 
     def save(self, directory: str | os.PathLike, merged: bool = False) -> Path:
         """Write a delta-only checkpoint (safetensors + JSON), atomically.
@@ -262,6 +265,7 @@ class Delta:
         table = deltas_of(self.model)
         table.pop(self.name, None)
         if not table:
+            quant.release_gradients(self.model)
             for name, param in named_base_parameters(self.model):
                 param.requires_grad_(self._requires_grad_before.get(name, param.requires_grad))
         self.attached = False

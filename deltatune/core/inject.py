@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .config import DeltaConfig
 from .errors import StateError
 from .layers import linear_types
@@ -97,6 +98,8 @@ class DeltaWrapper(DeltaModule):
         super().__init__()
         self.base = base
         self.merged = False
+        # decided once (the innermost layer never changes): torch.compile cannot trace the class check
+        self.quantized_base = quant.is_quantized(self.base_layer())
 
     def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.named_parameters():
@@ -126,7 +129,8 @@ class DeltaWrapper(DeltaModule):
         custom layer; no hooks) and no routing or gate scales the delta: then a method may compute the layer's
         output its own way (fused, or with a folded weight) instead of calling it."""
         layer = self.base
-        return (type(layer) in linear_types() and self.sample_scale is None and self.gate_scale is None
+        return (type(layer) in linear_types() and not self.quantized_base  # torchao's is an nn.Linear
+                and self.sample_scale is None and self.gate_scale is None
                 and not layer._forward_hooks and not layer._forward_pre_hooks)
 
     def base_layer(self) -> nn.Module:

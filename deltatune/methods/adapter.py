@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, TargetError
 from ..core.inject import Attachment, DeltaWrapper, named_base_modules, wrap_module
@@ -73,8 +74,8 @@ class BottleneckAdapter(DeltaWrapper):
     def __init__(self, base: nn.Module, dims: tuple[int, int], cfg: Adapter, parallel: bool,
                  source: str | None = None) -> None:
         super().__init__(base)
-        weight = _any_weight(self.base_layer())
-        options = {"dtype": weight.dtype, "device": weight.device}
+        dtype, device = quant.float_dtype(self.base_layer())  # not a quantized weight's integer dtype
+        options = {"dtype": dtype, "device": device}
         self.down = nn.Linear(dims[0], cfg.bottleneck, **options)
         self.up = nn.Linear(cfg.bottleneck, dims[1], **options)
         with torch.no_grad():  # zero up-projection: the adapter adds exactly 0 at attach
@@ -105,10 +106,6 @@ class BottleneckAdapter(DeltaWrapper):
         where = f"parallel to the FFN from {self.source}" if self.source else ("parallel" if self.parallel
                                                                                  else "sequential")
         return f"{where}, bottleneck {self.down.out_features}, {self.activation}, scale {self.scale:g}"
-
-
-def _any_weight(module: nn.Module) -> torch.Tensor:
-    return next(p for p in module.parameters())
 
 
 def _main(out: Any) -> torch.Tensor:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import AttachError, ConfigError, StateError
 from ..core.inject import Attachment, DeltaModule, add_free_module
@@ -149,7 +150,8 @@ def attach(model: nn.Module, cfg: Gates, att: Attachment, others: list[Attachmen
         if cfg.methods is not None and other.slot not in cfg.methods:
             continue
         for block, modules in _gateable(other).items():
-            like = next(model.get_submodule(block).parameters(), torch.empty(0))
+            dtype, device = quant.float_dtype(model.get_submodule(block))  # a quantized block's weights are ints
+            like = torch.empty(0, dtype=dtype, device=device)
             gate = Gate(hidden, cfg.init, like, other.slot, modules)
             add_free_module(model, att, f"{block}.gate_{other.slot}", gate)  # stable checkpoint keys
             att.hooks.extend(_hook(model.get_submodule(block), gate))

@@ -18,6 +18,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, StateError
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
@@ -61,7 +62,7 @@ class IA3Linear(DeltaWrapper):
         self.on_input = on_input
         self.conv1d = not isinstance(layer, nn.Linear)  # Conv1D stores its weight as (in, out)
         self.l = nn.Parameter(torch.ones(in_features if on_input else out_features,
-                                         dtype=layer.weight.dtype, device=layer.weight.device))
+                                         dtype=quant.compute_dtype(layer), device=layer.weight.device))
 
     def _rescale(self, t: torch.Tensor) -> torch.Tensor:
         if self.sample_scale is None and self.gate_scale is None:

@@ -29,6 +29,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import AttachError, StateError
 from ..core.inject import Attachment, DeltaModule, add_free_module, named_base_modules
@@ -344,7 +345,8 @@ def attach(model: nn.Module, cfg: PrefixTuning, att: Attachment) -> None:
         encoder = PrefixEncoder(cfg.num_tokens, max(h * d for h, _, d in shapes), cfg.reparam_hidden, sizes, like)
         add_free_module(model, att, "prefix_encoder", encoder)
     for index, ((path, module), shape) in enumerate(zip(sites, shapes, strict=True)):
-        prefix = PrefixKV(shape, next(module.parameters(), like), encoder, index)
+        dtype, device = quant.float_dtype(module, like)
+        prefix = PrefixKV(shape, torch.empty(0, dtype=dtype, device=device), encoder, index)  # not int weights
         add_free_module(model, att, f"{path}.prefix", prefix)
         att.hooks.append(module.register_forward_pre_hook(functools.partial(_guard, prefix, path)))
     _route_attention(model, sites, att)

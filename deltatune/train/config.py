@@ -35,6 +35,7 @@ from ..core.config import DeltaConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..core.recipe import Recipe, recipe_for
 from ..core.registry import config_classes
+from .quantization import QuantizationConfig, require_backend
 
 Task = Literal["classification", "causal_lm", "instruction"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc", "loss")
@@ -56,6 +57,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base weights; the delta follows it
     allow_pickle: bool = False       # also load pytorch_model.bin (a pickle; torch.load(weights_only=True)):
     #                                  only for a model from a source you trust. Default: safetensors only
+    quantization: QuantizationConfig | None = None  # load the frozen base in 4/8 bits (train/quantization.py)
 
 
 class Columns(Section):
@@ -100,6 +102,7 @@ class TrainConfig(Section):
     warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
     warmup_steps: NonNegativeInt | None = None       # overrides warmup_ratio
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit moments (train/quantization.py)
     max_grad_norm: PositiveFloat | None = 1.0        # None: no clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
@@ -127,6 +130,13 @@ class TrainConfig(Section):
         if value in ("epoch", "never") or (isinstance(value, int) and value > 0):
             return value
         raise ValueError("must be 'epoch', 'never' or a positive number of steps")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        if value == "adamw8bit":
+            require_backend("bitsandbytes", " (train.optimizer adamw8bit uses its AdamW8bit)")
+        return value
 
     @field_validator("device")
     @classmethod

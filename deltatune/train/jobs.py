@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from ..api import attach, load, merge_and_save
+from ..api import attach, load
 from ..core import onednn
 from ..core.checkpoint import CONFIG_FILE, TENSORS_FILE
 from ..core.errors import CheckpointNotFoundError, ConfigError
 from ..inspect import inspect
+from ..interop.merged import merge_and_save
 from ..interop.peft import export_peft
 from . import distributed, sharding
 from .batches import Encoded
@@ -292,10 +293,11 @@ def inspect_model(model_path: str, methods: list[dict[str, Any]], task: str | No
     return inspect(model)
 
 
-def merge(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
-    """A standalone model with the delta folded in (plain transformers loads it), plus its tokenizer."""
+def merge(cfg: RunConfig, checkpoint: Path, out: Path, dtype: str | None = None, requantize: bool = False) -> Path:
+    """A standalone model with the delta folded in (plain transformers loads it), plus its tokenizer. On a
+    quantized base (model.quantization) the base is dequantized first (``dt.merge_and_save``)."""
     tokenizer, _, delta = loaded_model(cfg, checkpoint)
-    merge_and_save(delta, out)
+    merge_and_save(delta, out, dtype=dtype, requantize=requantize)
     tokenizer.save_pretrained(out)
     return out
 

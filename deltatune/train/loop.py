@@ -35,6 +35,7 @@ from . import distributed, sharding
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
 from .metrics import classification_metrics, is_better, perplexity
+from .quantization import adamw_8bit
 from .state import Progress, load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(delta: Delta, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with one group for the delta and one for ``train_modules`` (its own learning rate); with
-    ``loraplus_ratio`` != 1 LoRA's B matrices get a third group at that multiple of the delta's rate (LoRA+)."""
+    """AdamW (or bitsandbytes' 8-bit AdamW with ``train.optimizer: adamw8bit``) with one group for the delta and
+    one for ``train_modules`` (its own learning rate); with ``loraplus_ratio`` != 1 LoRA's B matrices get a third
+    group at that multiple of the delta's rate (LoRA+)."""
     ratio = t.loraplus_ratio or 1.0
     fast = loraplus_parameters(delta) if ratio != 1.0 else set()
     own = list(delta.parameters(whole_modules=False).values())
@@ -75,8 +77,10 @@ def build_optimizer(delta: Delta, t: TrainConfig) -> torch.optim.AdamW:
               "lora_B": [p for p in own if id(p) in fast]}
     lrs = {"delta": t.learning_rate, "head": t.head_learning_rate or t.learning_rate,
            "lora_B": t.learning_rate * ratio}
-    return torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
-                             lr=t.learning_rate, weight_decay=t.weight_decay)
+    param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps]
+    if t.optimizer == "adamw8bit":
+        return adamw_8bit(param_groups, t.learning_rate, t.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 def loraplus_parameters(delta: Delta) -> set[int]:

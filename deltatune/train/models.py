@@ -11,6 +11,7 @@ from torch import nn
 from ..core.errors import DeltaError
 from ..core.targets import find_task_heads
 from .config import ModelConfig, RunConfig
+from .quantization import load_kwargs
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,9 +55,13 @@ def load_model(cfg: RunConfig, label_names: list[str] | None = None,
 
     _quiet_transformers()
     kwargs: dict = {"dtype": DTYPES[cfg.model.dtype]}
-    if cfg.model.gguf_file:
+    path = cfg.model.path
+    if cfg.model.quantization is not None:  # a GGUF is dequantized once and quantized from that copy
+        kwargs.update(load_kwargs(cfg.model.quantization, path, cfg.model.gguf_file, _device_map(cfg)))
+        path = kwargs.pop("path", path)
+    elif cfg.model.gguf_file:
         kwargs["gguf_file"] = cfg.model.gguf_file
-    elif not cfg.model.allow_pickle:
+    if "gguf_file" not in kwargs and not cfg.model.allow_pickle:
         kwargs["use_safetensors"] = True  # never unpickle pytorch_model.bin unless the user opted in
     if cfg.task == "classification":
         names = label_names or ["0", "1"]
@@ -66,7 +71,7 @@ def load_model(cfg: RunConfig, label_names: list[str] | None = None,
     else:
         auto = AutoModelForCausalLM
     try:
-        model, info = auto.from_pretrained(cfg.model.path, output_loading_info=True, **kwargs)
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         if not cfg.model.allow_pickle and any(Path(cfg.model.path).glob("pytorch_model*.bin")):
             raise ModelLoadError(f"{cfg.model.path!r} holds its weights only as pytorch_model.bin, a pickle file, and "
@@ -88,6 +93,14 @@ def load_model(cfg: RunConfig, label_names: list[str] | None = None,
     if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find each row's last token with it
     return model, new
+
+
+def _device_map(cfg: RunConfig) -> str:
+    """Where a quantized base is placed as it loads (it cannot be moved afterwards like a plain model)."""
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def check_vocab(model: nn.Module, source: str, pad_id: int | None, *splits) -> None:

@@ -72,10 +72,13 @@ def save_state(directory: Path, delta: Delta, optimizer: torch.optim.Optimizer, 
     tensors = {f"delta/{k}": v for k, v in delta.state_dict().items()}
     optim = optimizer.state_dict()
     scalars: dict[str, Any] = {}
+    shared: set[int] = set()
     for index, entry in optim["state"].items():
-        for name, value in entry.items():
+        for name, value in _flat(entry):
             if torch.is_tensor(value):
-                tensors[f"optim/{index}/{name}"] = value
+                # safetensors refuses two keys on one storage; bitsandbytes' 8-bit optimizers share a code map
+                tensors[f"optim/{index}/{name}"] = value.clone() if value.data_ptr() in shared else value
+                shared.add(value.data_ptr())
             else:
                 scalars[f"{index}/{name}"] = value
     rng_meta = []
@@ -99,6 +102,24 @@ class LoadedState:
     rng: list[dict[str, Any]]
 
 
+def _flat(entry: dict[str, Any], prefix: str = ""):
+    """(name, value) pairs of one parameter's optimizer state; nested dicts (bitsandbytes' 8-bit optimizers keep
+    their quantized moments under one key) become ``outer/inner`` names."""
+    for name, value in entry.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _put(entry: dict[str, Any], name: str, value: Any) -> None:
+    """Inverse of ``_flat`` for one value."""
+    *outer, leaf = name.split("/")
+    for part in outer:
+        entry = entry.setdefault(part, {})
+    entry[leaf] = value
+
+
 def load_state(directory: Path, optimizer: torch.optim.Optimizer) -> LoadedState:
     """Read a state checkpoint (checksum verified); ``optimizer`` gives the shape of its param groups."""
     where, meta = read_meta(directory)
@@ -112,10 +133,10 @@ def load_state(directory: Path, optimizer: torch.optim.Optimizer) -> LoadedState
     for key, value in tensors.items():
         if key.startswith("optim/"):
             _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
+            _put(state.setdefault(int(index), {}), name, value)
     for key, value in meta["optimizer_scalars"].items():
         index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
+        _put(state.setdefault(int(index), {}), name, value)
     rng = [dict(m) for m in meta["rng"]]
     for key, value in tensors.items():
         if key.startswith("rng/"):

@@ -5,6 +5,7 @@
 - dora.py: DoRA's wrappers (``dt.LoRA(dora=True)``), built on layers.py;
 - eva.py: ``dt.eva_init``, A from the principal directions of a few batches of layer inputs;
 - inits.py: PiSSA / OLoRA, which start A and B from W and leave the residual in the base weight;
+- loftq.py: ``init="loftq"``, the factors started at a quantized base's quantization error;
 - budget.py: the adaptive rank budget (``dt.RankBudget``), which prunes and truncates these wrappers.
 This file picks a wrapper per layer and registers the attach rule.
 """
@@ -24,6 +25,7 @@ from .dora import DoRAConv1D, DoRAEmbedding, DoRALinear
 from .eva import eva_init
 from .inits import RESIDUAL_INITS, keep_original_weight
 from .layers import LoRAConv1D, LoRAEmbedding, LoRALinear
+from .loftq import init_loftq
 
 __all__ = ["LoRA", "RankBudget", "LoRALinear", "LoRAConv1D", "LoRAEmbedding", "DoRALinear", "DoRAConv1D",
            "DoRAEmbedding", "wrapper_class", "eva_init"]
@@ -52,6 +54,8 @@ def attach(model: nn.Module, cfg: LoRA, att: Attachment) -> None:
             return wrapper_class(layer, cfg.dora)(module, r, alpha, cfg)
 
         att.modules[path] = wrap_module(model, path, make)
+    if cfg.init == "loftq":
+        init_loftq(model, att.modules)
     if cfg.adaptive is not None:
         att.controllers.append(RankAllocator(model, att, cfg.adaptive))
 

@@ -16,7 +16,7 @@ from ...core.targets import Targets
 from .budget import RankBudget
 from .inits import RESIDUAL_INITS
 
-INITS = ("kaiming", "gaussian", *RESIDUAL_INITS)
+INITS = ("kaiming", "gaussian", *RESIDUAL_INITS, "loftq")
 
 
 @dataclasses.dataclass
@@ -33,7 +33,8 @@ class LoRA(DeltaConfig):
     rslora: bool = False         # scale by alpha / sqrt(r): stable when sweeping large ranks
     dora: bool = False           # DoRA: learn a per-output magnitude too (Liu et al., 2024); still mergeable
     # how A and B start: "kaiming" (A uniform, as nn.Linear; B = 0) or "gaussian" (A with std 1/r); "pissa" or
-    # "olora": from W's principal singular vectors / QR, W keeping the residual (inits.py: what happens to W)
+    # "olora": from W's principal singular vectors / QR, W keeping the residual (inits.py: what happens to W);
+    # "loftq": A and B at the quantization error's top-r SVD (quantized bases only, loftq.py)
     init: str = "kaiming"
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)     # per-module r overrides
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # per-module alpha overrides
@@ -52,6 +53,8 @@ class LoRA(DeltaConfig):
         if self.init in RESIDUAL_INITS:  # both rewrite W at attach; DoRA's magnitude and a rank budget assume not
             self._require(not self.dora, "dora", f"False with init={self.init!r} (not supported together)")
             self._require(self.adaptive is None, "adaptive", f"None with init={self.init!r} (not supported together)")
+        self._require(not (self.init == "loftq" and self.dora), "init", "'kaiming' or 'gaussian' with dora "
+                      "(DoRA's magnitude starts from B = 0)")
         self._require(all(isinstance(v, int) and v > 0 for v in self.rank_pattern.values()),
                       "rank_pattern", "a mapping of module patterns to positive integers")
         self._require(all(v > 0 for v in self.alpha_pattern.values()), "alpha_pattern",

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core import quant
 from ...core.merge_on_the_fly import folding_pays, linear_forward
 from .config import LoRA
 from .layers import LoRAConv1D, LoRAEmbedding, LoRALinear
@@ -43,8 +44,10 @@ class DoRALinear(LoRALinear):
             self.magnitude = nn.Parameter(self._norm(self._lora_weight()))
 
     def _weight(self) -> torch.Tensor:
-        """The base weight as (out, in) (a view: writing to it writes the layer's weight)."""
-        return self.base_layer().weight
+        """The base weight as (out, in) (a view: writing to it writes the layer's weight). A quantized base
+        gives a dequantized copy, made per call and never kept (merging into it is refused by Delta.merge)."""
+        layer = self.base_layer()
+        return quant.dequantized_weight(layer) if quant.is_quantized(layer) else layer.weight
 
     def _lora_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale

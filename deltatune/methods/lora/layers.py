@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core import onednn
+from ...core import onednn, quant
 from ...core.inject import DeltaWrapper
 from ...core.merge_on_the_fly import folding_pays, linear_forward
 from .config import LoRA
@@ -34,10 +34,11 @@ class LoRALinear(DeltaWrapper):
         super().__init__(base)
         layer = self.base_layer()
         in_features, out_features = self.features(layer)
-        weight = layer.weight
+        # a quantized base stores integers: the factors train in the layer's compute dtype (as QLoRA)
+        options = {"dtype": quant.compute_dtype(layer), "device": layer.weight.device}
         self.r, self.alpha, self.scale = r, alpha, cfg.scaling(r, alpha)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **options))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **options))
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.rslora = cfg.rslora
         self.residual = cfg.init in RESIDUAL_INITS
@@ -76,7 +77,7 @@ class LoRALinear(DeltaWrapper):
         out = self.base(x)
         if not self.uses_delta:
             return out
-        hidden = F.linear(self.drop(x), self.lora_A)
+        hidden = F.linear(self.drop(x).to(self.lora_A.dtype), self.lora_A)  # a no-op unless the base casts
         if self._may_add_in_place(out, hidden):
             # out += scale * hidden @ B^T as one fused addmm: no full-size temporaries (speed, peak memory).
             # Safe: a Linear's backward never needs its output, and autograd's version counter would
@@ -84,7 +85,7 @@ class LoRALinear(DeltaWrapper):
             flat = out.view(-1, out.shape[-1])
             flat.addmm_(hidden.reshape(-1, self.r), self.lora_B.T, alpha=self.scale)
             return out
-        return out + self.scaled(F.linear(hidden, self.lora_B) * self.scale)
+        return out + self.scaled(F.linear(hidden, self.lora_B) * self.scale).to(out.dtype)
 
     def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
         """PiSSA / OLoRA switched off or routed: the base weight holds W - s B0 A0, so the original W x is
