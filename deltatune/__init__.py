@@ -7,6 +7,9 @@
     dt.load(fresh_model, "runs/lora")
 """
 
+# isort: off
+from .core import quiet  # noqa: F401  (first: it quiets optional packages' import noise before transformers loads)
+# isort: on
 from .api import attach, detach, load, recipe
 from .compose.algebra import combine
 from .compose.extract import extract_lora
