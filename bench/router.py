@@ -69,12 +69,13 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def route(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def route(out: Path, samples: int, hidden: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The router job and its evaluation, as ``deltatune train router.yaml`` / ``deltatune eval`` run them."""
     from deltatune.train.router_job import RouterRunConfig, evaluate_router_run, train_router
 
     cfg = RouterRunConfig.model_validate({
-        "router": {"runs": {t: str(out / t) for t in TASKS}, "samples_per_run": 1000, "mode": "hard"},
+        "router": {"runs": {t: str(out / t) for t in TASKS}, "samples_per_run": samples, "mode": "hard",
+                   "hidden": hidden},
         "train": {"num_threads": 1}, "output_dir": str(out / "router"), "run_name": "router"})
     summary = train_router(cfg, overwrite=True)
     return summary, evaluate_router_run(out / "router")
@@ -147,12 +148,12 @@ def union_baseline(examples: int, out: Path, eval_examples: int) -> dict[str, An
     start = time.perf_counter()
     progress = loop.run()
     seconds = time.perf_counter() - start
-    scores = {}
+    scores, accuracy = {}, {}
     for task, c in configs.items():
-        data = load_split(c, tokenizer, "validation", ["0", "1"])
-        found = evaluate(model, data, tokenizer.pad_token_id, 64, info)
-        scores[task] = found[f"eval_{TASKS[task][2]}"]
-    return {"steps": progress.step, "train_s": round(seconds, 1), "examples": len(union), "scores": scores}
+        found = evaluate(model, load_split(c, tokenizer, "validation", ["0", "1"]), tokenizer.pad_token_id, 64, info)
+        scores[task], accuracy[task] = found[f"eval_{TASKS[task][2]}"], found["eval_accuracy"]
+    return {"steps": progress.step, "train_s": round(seconds, 1), "examples": len(union), "scores": scores,
+            "accuracy": accuracy}
 
 
 def concatenate(parts: list) -> Any:
@@ -166,15 +167,21 @@ def concatenate(parts: list) -> Any:
                    torch.cat(types), parts[0].label_names)
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def table(results: dict[str, Any]) -> str:
-    union = results["union"]["scores"] if results.get("union") else {}
-    lines = ["| task | metric | oracle (own delta) | routed (hard) | router accuracy | same prediction | "
-             "union LoRA |", "|---|---|---:|---:|---:|---:|---:|"]
+    union = results.get("union") or {}
+    lines = ["| task | metric | oracle (own delta) | routed (hard) | routed - oracle | accuracy: oracle / routed | "
+             "router accuracy | same prediction | union LoRA | union accuracy |", "|---|---|" + "---:|" * 8]
     for row in results["eval"]["tasks"]:
-        u = union.get(row["task"])
-        lines.append(f"| {row['task']} | {row['metric']} | {row['oracle']:.4f} | {row['routed']:.4f} | "
-                     f"{row['router_accuracy']:.4f} | {row['same_prediction']:.4f} | "
-                     f"{'-' if u is None else f'{u:.4f}'} |")
+        task, both = row["task"], row.get("all_metrics", {})
+        accuracy = " / ".join(f"{both[k]['accuracy']:.4f}" for k in ("oracle", "routed")) if both else "-"
+        lines.append(f"| {task} | {row['metric']} | {row['oracle']:.4f} | {row['routed']:.4f} | "
+                     f"{row['routed'] - row['oracle']:+.4f} | {accuracy} | {row['router_accuracy']:.4f} | "
+                     f"{row['same_prediction']:.4f} | {_cell(union.get('scores', {}).get(task))} | "
+                     f"{_cell(union.get('accuracy', {}).get(task))} |")
     lat = results.get("latency")
     if lat:
         lines.append(f"\nrouting cost, batch of {lat['batch_size']} mixed examples ({lat['tokens']} tokens), "
@@ -192,6 +199,8 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--samples-per-run", type=int, default=1000, help="router.samples_per_run")
+    parser.add_argument("--hidden", type=int, default=None, help="router.hidden")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,7 +209,7 @@ def main() -> None:
     steps = {
         "tasks": lambda: {"tasks": {t: {k: s[k] for k in ("best_metric", "steps", "train_time_s", "methods")}
                                     for t, s in train_tasks(args.examples, args.out, args.eval_examples).items()}},
-        "route": lambda: dict(zip(("router", "eval"), route(args.out), strict=True)),
+        "route": lambda: dict(zip(("router", "eval"), route(args.out, args.samples_per_run, args.hidden), strict=True)),
         "latency": lambda: {"latency": latency(args.out, args.rounds, args.batch_size)},
         "union": lambda: {"union": union_baseline(args.examples, args.out, args.eval_examples)},
     }
