@@ -82,7 +82,8 @@ def route(out: Path, samples: int, hidden: int | None) -> tuple[dict[str, Any], 
 
 
 def latency(out: Path, rounds: int, batch_size: int) -> dict[str, Any]:
-    """Seconds per forward of one mixed batch: routed (router on) vs one delta, paired and alternated."""
+    """Seconds per forward of one mixed batch: the router on, dt.route with the routes given, one delta alone;
+    paired rounds (each round times all three, order rotating)."""
     import deltatune as dt
     from deltatune.train.models import load_model, load_tokenizer
     from deltatune.train.router_job import _forward_kwargs, batches_of, check_runs, load_router_config, task_data
@@ -98,29 +99,28 @@ def latency(out: Path, rounds: int, batch_size: int) -> dict[str, Any]:
     _, sets = task_data(configs, tokenizer, None)
     batch = _forward_kwargs(model, batches_of(sets, batch_size, tokenizer.pad_token_id, seed=1)[0])
 
-    def routed() -> float:
-        with router, torch.no_grad():
+    def timed(context) -> float:
+        with context, torch.no_grad():
             start = time.perf_counter()
             model(**batch)
             return time.perf_counter() - start
 
-    def single() -> float:
-        with dt.active(model, "sst2"), torch.no_grad():
-            start = time.perf_counter()
-            model(**batch)
-            return time.perf_counter() - start
-
-    routed(), single()  # warm-up
-    pairs = []
-    for i in range(rounds):
-        a, b = (routed(), single()) if i % 2 == 0 else tuple(reversed((single(), routed())))
-        pairs.append((a, b))
-    ratios = sorted(a / b for a, b in pairs)
+    names = router.predict(batch["input_ids"], batch["attention_mask"])
+    variants = {"routed": lambda: router, "known_routes": lambda: dt.route(model, names),
+                "single": lambda: dt.active(model, "sst2")}
+    for make in variants.values():
+        timed(make())  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(rounds):  # paired: every round times all three, in a rotating order
+        order = list(variants)[i % 3:] + list(variants)[:i % 3]
+        for name in order:
+            times[name].append(timed(variants[name]()))
+    ratios = sorted(a / b for a, b in zip(times["routed"], times["single"], strict=True))
+    known = sorted(a / b for a, b in zip(times["known_routes"], times["single"], strict=True))
     return {"batch_size": batch_size, "tokens": int(batch["attention_mask"].sum()), "rounds": rounds,
-            "routed_ms_median": 1000 * statistics.median(a for a, _ in pairs),
-            "single_ms_median": 1000 * statistics.median(b for _, b in pairs),
+            **{f"{name}_ms_median": 1000 * statistics.median(t) for name, t in times.items()},
             "ratio_median": statistics.median(ratios), "ratio_p10": ratios[len(ratios) // 10],
-            "ratio_p90": ratios[(9 * len(ratios)) // 10]}
+            "ratio_p90": ratios[(9 * len(ratios)) // 10], "known_routes_ratio_median": statistics.median(known)}
 
 
 def union_baseline(examples: int, out: Path, eval_examples: int) -> dict[str, Any]:
@@ -187,7 +187,9 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"\nrouting cost, batch of {lat['batch_size']} mixed examples ({lat['tokens']} tokens), "
                      f"{lat['rounds']} paired rounds: routed {lat['routed_ms_median']:.1f} ms vs one delta "
                      f"{lat['single_ms_median']:.1f} ms; ratio median {lat['ratio_median']:.3f} "
-                     f"(p10 {lat['ratio_p10']:.3f}, p90 {lat['ratio_p90']:.3f})")
+                     f"(p10 {lat['ratio_p10']:.3f}, p90 {lat['ratio_p90']:.3f})"
+                     + (f"; dt.route with the routes given: {lat['known_routes_ratio_median']:.3f}x"
+                        if "known_routes_ratio_median" in lat else ""))
     return "\n".join(lines)
 
 
