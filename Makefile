@@ -63,5 +63,9 @@ bench-defaults: install  ## every method's defaults vs full fine-tuning on the e
 	$(PY) bench/quality.py sweep --tasks all --recipes defaults --jobs 2
 	$(PY) bench/quality.py table --tasks all --recipes defaults
 
+.PHONY: bench-router
+bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)
+	$(PY) bench/router.py all --examples 2000
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

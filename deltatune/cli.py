@@ -109,6 +109,8 @@ def train(args: ArgsAndOverrides = None,
         from .train.config import dump_yaml, load_config, parse_overrides
 
         path, rest = _split_config(args)
+        if path is not None and _train_router(path, rest, resume, overwrite, print_config):
+            return
         cfg = load_config(path, parse_overrides(rest))
         if print_config:
             typer.echo(dump_yaml(cfg), nl=False)
@@ -118,6 +120,29 @@ def train(args: ArgsAndOverrides = None,
         summary = run_training(cfg, resume=resume, overwrite=overwrite)
         if summary:
             _print_summary(summary)
+
+
+def _train_router(path: str, rest: list[str], resume: bool, overwrite: bool, print_config: bool) -> bool:
+    """A config with a router: section trains a router over finished runs (train/router_job.py)."""
+    from .core.errors import ConfigError
+    from .train.config import parse_overrides
+    from .train.router_job import dump_router_config, is_router_config, load_router_config, train_router
+
+    if not is_router_config(path):
+        return False
+    cfg = load_router_config(path, parse_overrides(rest))
+    if print_config:
+        typer.echo(dump_router_config(cfg), nl=False)
+        return True
+    if resume:
+        raise ConfigError("--resume continues a training run; a router job has nothing to resume (it takes "
+                          "seconds): run it again with --overwrite")
+    s = train_router(cfg, overwrite=overwrite)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in s["router_accuracy"].items())
+    typer.echo(f"run: {s['run_dir']}\nrouter ({s['mode']}) over {', '.join(s['deltas'])}: training accuracy "
+               f"{s['router_train_accuracy']:.4f}; validation accuracy per task: {shown}")
+    typer.echo(f"routed vs oracle metrics: deltatune eval {s['run_dir']}")
+    return True
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -145,6 +170,13 @@ def eval_(args: Annotated[list[str] | None, typer.Argument(
         target, rest = _split_config(args)
         if target is None:
             raise click.UsageError("eval needs a TARGET: a run directory such as runs/default")
+        from .train.router_job import evaluate_router_run, format_table, is_router_run
+
+        if is_router_run(target):  # routed vs oracle, every task of the router run
+            if rest or checkpoint or model or task:
+                raise click.UsageError("a router run is evaluated as it was trained: no overrides or options")
+            typer.echo(format_table(evaluate_router_run(target)))
+            return
         cfg, where = locate(target, checkpoint, model, task, parse_overrides(rest))
         _echo_json(run_eval(cfg, where))
 

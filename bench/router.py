@@ -1,0 +1,228 @@
+"""Learned routing on real data (issue 24): three task deltas, a router, and a single LoRA on the union.
+
+    python bench/router.py all --examples 2000            # train (resumable), route, measure; prints the tables
+
+1. One LoRA (deltatune's defaults) per task on the offline MiniLM: SST-2, MRPC, CoLA from ../shared/data, the
+   first ``--examples`` training rows, 1 epoch, batch 16, one CPU thread; metric on the first 1000 rows of the
+   dev/test file (accuracy for SST-2, F1 for MRPC, MCC for CoLA, as bench/quality.py).
+2. A router over the three best deltas (``deltatune train`` on a ``router:`` config), then ``deltatune eval``
+   on it: each task's evaluation set routed (the router picks a delta per sample, in batches that mix the
+   three tasks, the task not given) vs oracle (each task with its own delta), and router accuracy.
+3. The cost of routing at inference: a mixed batch through the router (hard: all three deltas on, masked per
+   sample) vs the same batch through one delta, in paired rounds (alternating order), median ratio.
+4. The baseline that needs no routing: one LoRA trained on the union of the three training sets (the same
+   examples, tokenised by each task's config, one shared 2-way head), the same total steps, scored per task.
+Results go to bench/results/router.json; runs to bench-out/router/ (re-running skips finished runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results" / "router.json"
+TASKS = {"sst2": ("sst2/train.tsv", "sst2/dev.tsv", "accuracy"), "mrpc": ("mrpc/train.tsv", "mrpc/test.tsv", "f1"),
+         "cola": ("cola/train.tsv", "cola/dev.tsv", "mcc")}
+
+
+def task_config(task: str, examples: int, out: Path, eval_examples: int = 1000) -> dict[str, Any]:
+    train_file, eval_file, metric = TASKS[task]
+    return {"data": {"train": str(DATA / train_file), "validation": str(DATA / eval_file),
+                     "max_train_samples": examples, "max_eval_samples": eval_examples},
+            "delta": [{"method": "lora"}], "seed": 0, "output_dir": str(out / task),
+            "train": {"epochs": 1, "batch_size": 16, "num_threads": 1, "save_every": 10**9, "progress": "never",
+                      "metric": metric}}
+
+
+def train_tasks(examples: int, out: Path, eval_examples: int) -> dict[str, dict[str, Any]]:
+    """One LoRA per task through ``deltatune train``'s code path; a finished run is read back, not redone."""
+    from deltatune.train.config import load_config
+    from deltatune.train.jobs import train
+
+    summaries = {}
+    for task in TASKS:
+        done = out / task / "summary.json"
+        if not done.exists():
+            cfg = load_config(None, list(_flat(task_config(task, examples, out, eval_examples)).items()))
+            train(cfg, overwrite=True)
+        summaries[task] = json.loads(done.read_text())
+    return summaries
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def route(out: Path, samples: int, hidden: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The router job and its evaluation, as ``deltatune train router.yaml`` / ``deltatune eval`` run them."""
+    from deltatune.train.router_job import RouterRunConfig, evaluate_router_run, train_router
+
+    cfg = RouterRunConfig.model_validate({
+        "router": {"runs": {t: str(out / t) for t in TASKS}, "samples_per_run": samples, "mode": "hard",
+                   "hidden": hidden},
+        "train": {"num_threads": 1}, "output_dir": str(out / "router"), "run_name": "router"})
+    summary = train_router(cfg, overwrite=True)
+    return summary, evaluate_router_run(out / "router")
+
+
+def latency(out: Path, rounds: int, batch_size: int) -> dict[str, Any]:
+    """Seconds per forward of one mixed batch: the router on, dt.route with the routes given, one delta alone;
+    paired rounds (each round times all three, order rotating)."""
+    import deltatune as dt
+    from deltatune.train.models import load_model, load_tokenizer
+    from deltatune.train.router_job import _forward_kwargs, batches_of, check_runs, load_router_config, task_data
+
+    cfg = load_router_config(out / "router" / "config.yaml")
+    configs = check_runs(cfg)
+    first = next(iter(configs.values()))
+    tokenizer = load_tokenizer(first.model)
+    model, _ = load_model(first, first.data.labels, tokenizer.pad_token_id)
+    model.eval()
+    dt.load_all(model, out / "router" / "deltas")
+    router = dt.load_router(model, out / "router" / "router", enable=False)
+    _, sets = task_data(configs, tokenizer, None)
+    batch = _forward_kwargs(model, batches_of(sets, batch_size, tokenizer.pad_token_id, seed=1)[0])
+
+    def timed(context) -> float:
+        with context, torch.no_grad():
+            start = time.perf_counter()
+            model(**batch)
+            return time.perf_counter() - start
+
+    names = router.predict(batch["input_ids"], batch["attention_mask"])
+    variants = {"routed": lambda: router, "known_routes": lambda: dt.route(model, names),
+                "single": lambda: dt.active(model, "sst2")}
+    for make in variants.values():
+        timed(make())  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(rounds):  # paired: every round times all three, in a rotating order
+        order = list(variants)[i % 3:] + list(variants)[:i % 3]
+        for name in order:
+            times[name].append(timed(variants[name]()))
+    ratios = sorted(a / b for a, b in zip(times["routed"], times["single"], strict=True))
+    known = sorted(a / b for a, b in zip(times["known_routes"], times["single"], strict=True))
+    return {"batch_size": batch_size, "tokens": int(batch["attention_mask"].sum()), "rounds": rounds,
+            **{f"{name}_ms_median": 1000 * statistics.median(t) for name, t in times.items()},
+            "ratio_median": statistics.median(ratios), "ratio_p10": ratios[len(ratios) // 10],
+            "ratio_p90": ratios[(9 * len(ratios)) // 10], "known_routes_ratio_median": statistics.median(known)}
+
+
+def union_baseline(examples: int, out: Path, eval_examples: int) -> dict[str, Any]:
+    """One LoRA on the three training sets together (each tokenised by its task's config), scored per task."""
+    from deltatune.train import distributed
+    from deltatune.train.config import load_config
+    from deltatune.train.data import load_split
+    from deltatune.train.jobs import build_model, init_run_dir
+    from deltatune.train.loop import Loop, Session, evaluate
+    from deltatune.train.models import load_tokenizer
+
+    configs = {t: load_config(None, list(_flat(task_config(t, examples, out, eval_examples)).items()))
+               for t in TASKS}
+    cfg = configs["sst2"].model_copy(deep=True)
+    cfg.output_dir, cfg.data.validation, cfg.data.labels = str(out / "union"), None, ["0", "1"]
+    info = distributed.setup("cpu")
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(cfg.model)
+    parts = {t: load_split(c, tokenizer, "train", ["0", "1"]) for t, c in configs.items()}
+    union = concatenate(list(parts.values()))
+    init_run_dir(Path(cfg.output_dir), cfg, resume=False, overwrite=True)
+    model, delta = build_model(cfg, ["0", "1"], tokenizer.pad_token_id, info.device)
+    loop = Loop(Session(cfg, model, delta, union, None, tokenizer.pad_token_id, Path(cfg.output_dir), info))
+    loop.start(False)
+    start = time.perf_counter()
+    progress = loop.run()
+    seconds = time.perf_counter() - start
+    scores, accuracy = {}, {}
+    for task, c in configs.items():
+        found = evaluate(model, load_split(c, tokenizer, "validation", ["0", "1"]), tokenizer.pad_token_id, 64, info)
+        scores[task], accuracy[task] = found[f"eval_{TASKS[task][2]}"], found["eval_accuracy"]
+    return {"steps": progress.step, "train_s": round(seconds, 1), "examples": len(union), "scores": scores,
+            "accuracy": accuracy}
+
+
+def concatenate(parts: list) -> Any:
+    from deltatune.train.batches import Encoded
+
+    offsets = [parts[0].offsets]
+    for part in parts[1:]:
+        offsets.append(part.offsets[1:] + offsets[-1][-1])
+    types = [p.token_type_ids if p.token_type_ids is not None else torch.zeros_like(p.input_ids) for p in parts]
+    return Encoded(torch.cat([p.input_ids for p in parts]), torch.cat(offsets), torch.cat([p.labels for p in parts]),
+                   torch.cat(types), parts[0].label_names)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    union = results.get("union") or {}
+    lines = ["| task | metric | oracle (own delta) | routed (hard) | routed - oracle | accuracy: oracle / routed | "
+             "router accuracy | same prediction | union LoRA | union accuracy |", "|---|---|" + "---:|" * 8]
+    for row in results["eval"]["tasks"]:
+        task, both = row["task"], row.get("all_metrics", {})
+        accuracy = " / ".join(f"{both[k]['accuracy']:.4f}" for k in ("oracle", "routed")) if both else "-"
+        lines.append(f"| {task} | {row['metric']} | {row['oracle']:.4f} | {row['routed']:.4f} | "
+                     f"{row['routed'] - row['oracle']:+.4f} | {accuracy} | {row['router_accuracy']:.4f} | "
+                     f"{row['same_prediction']:.4f} | {_cell(union.get('scores', {}).get(task))} | "
+                     f"{_cell(union.get('accuracy', {}).get(task))} |")
+    lat = results.get("latency")
+    if lat:
+        lines.append(f"\nrouting cost, batch of {lat['batch_size']} mixed examples ({lat['tokens']} tokens), "
+                     f"{lat['rounds']} paired rounds: routed {lat['routed_ms_median']:.1f} ms vs one delta "
+                     f"{lat['single_ms_median']:.1f} ms; ratio median {lat['ratio_median']:.3f} "
+                     f"(p10 {lat['ratio_p10']:.3f}, p90 {lat['ratio_p90']:.3f})"
+                     + (f"; dt.route with the routes given: {lat['known_routes_ratio_median']:.3f}x"
+                        if "known_routes_ratio_median" in lat else ""))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["all", "tasks", "route", "latency", "union", "table"])
+    parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "router")
+    parser.add_argument("--eval-examples", type=int, default=1000)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--samples-per-run", type=int, default=1000, help="router.samples_per_run")
+    parser.add_argument("--hidden", type=int, default=None, help="router.hidden")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT))
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    steps = {
+        "tasks": lambda: {"tasks": {t: {k: s[k] for k in ("best_metric", "steps", "train_time_s", "methods")}
+                                    for t, s in train_tasks(args.examples, args.out, args.eval_examples).items()}},
+        "route": lambda: dict(zip(("router", "eval"), route(args.out, args.samples_per_run, args.hidden), strict=True)),
+        "latency": lambda: {"latency": latency(args.out, args.rounds, args.batch_size)},
+        "union": lambda: {"union": union_baseline(args.examples, args.out, args.eval_examples)},
+    }
+    for name, step in steps.items():
+        if args.step in ("all", name):
+            results.update(step(), examples=args.examples, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           machine=f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}, 1 thread")
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=2) + "\n")  # after each step: a failure keeps the rest
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
