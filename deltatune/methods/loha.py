@@ -14,16 +14,16 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import DeltaConfig
-from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.inject import Attachment, wrap_module
 from ..core.layers import linear_types
 from ..core.recipe import Recipe
 from ..core.registry import register
 from ..core.structure import features
 from ..core.targets import Targets, find_targets
+from ..core.weight_delta import WeightDeltaWrapper
 
 
 @dataclasses.dataclass
@@ -42,17 +42,14 @@ class LoHa(DeltaConfig):
         self._require(self.alpha > 0, "alpha", "> 0")
 
 
-class LoHaLinear(DeltaWrapper):
+class LoHaLinear(WeightDeltaWrapper):
     """A frozen Linear/Conv1D plus x (delta W)^T, delta W built from the four factors at each call."""
 
-    mergeable = True
-    routable = True  # the LoHa path goes through ``scaled``
 
     def __init__(self, base: nn.Module, cfg: LoHa) -> None:
         super().__init__(base)
         layer = self.base_layer()
         in_features, out_features = features(layer)
-        self.conv1d = not isinstance(layer, nn.Linear)
         self.r, self.alpha, self.scale = cfg.r, cfg.alpha, cfg.alpha / cfg.r
         kind = {"dtype": layer.weight.dtype, "device": layer.weight.device}
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, cfg.r, **kind))
@@ -66,14 +63,6 @@ class LoHaLinear(DeltaWrapper):
         """delta W in (out, in) layout, whatever the base layer stores."""
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if not self.uses_delta:
-            return out
-        return out + self.scaled(F.linear(x, self.update()))
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.update().T if self.conv1d else self.update()
 
 
 @register(LoHa)

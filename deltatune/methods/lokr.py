@@ -16,16 +16,16 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import DeltaConfig
-from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.inject import Attachment, wrap_module
 from ..core.layers import linear_types
 from ..core.recipe import Recipe
 from ..core.registry import register
 from ..core.structure import features
 from ..core.targets import Targets, find_targets
+from ..core.weight_delta import WeightDeltaWrapper
 
 
 @dataclasses.dataclass
@@ -70,17 +70,14 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-class LoKrLinear(DeltaWrapper):
+class LoKrLinear(WeightDeltaWrapper):
     """A frozen Linear/Conv1D plus x (delta W)^T, delta W = scale * kron(W1, W2) built at each call."""
 
-    mergeable = True
-    routable = True  # the LoKr path goes through ``scaled``
 
     def __init__(self, base: nn.Module, cfg: LoKr) -> None:
         super().__init__(base)
         layer = self.base_layer()
         in_features, out_features = features(layer)
-        self.conv1d = not isinstance(layer, nn.Linear)
         self.r, self.alpha, self.scale = cfg.r, cfg.alpha, cfg.alpha / cfg.r
         factor = -1 if cfg.decompose_factor is None else cfg.decompose_factor
         (in_m, in_n), (out_l, out_k) = factorization(in_features, factor), factorization(out_features, factor)
@@ -104,14 +101,6 @@ class LoKrLinear(DeltaWrapper):
         """delta W in (out, in) layout, whatever the base layer stores."""
         return torch.kron(self._factor("lokr_w1"), self._factor("lokr_w2")) * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if not self.uses_delta:
-            return out
-        return out + self.scaled(F.linear(x, self.update()))
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.update().T if self.conv1d else self.update()
 
 
 def _kaiming(tensor: torch.Tensor) -> nn.Parameter:

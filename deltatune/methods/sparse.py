@@ -18,17 +18,17 @@ import dataclasses
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import DeltaConfig
 from ..core.errors import CheckpointError
-from ..core.inject import Attachment, DeltaWrapper, wrap_module
+from ..core.inject import Attachment, wrap_module
 from ..core.layers import linear_types
 from ..core.recipe import Recipe
 from ..core.registry import register
 from ..core.structure import features
 from ..core.targets import Targets, find_targets
+from ..core.weight_delta import WeightDeltaWrapper
 
 
 @dataclasses.dataclass
@@ -57,17 +57,14 @@ def choose_entries(weight: torch.Tensor, k: int, select: str, generator: torch.G
     return torch.topk(scores.cpu(), k, dim=1).indices.sort(dim=1).values.to(torch.int32)
 
 
-class SparseLinear(DeltaWrapper):
+class SparseLinear(WeightDeltaWrapper):
     """A frozen Linear/Conv1D plus x S^T, S the (out, in) matrix holding ``values`` at ``indices``, zero elsewhere."""
 
-    mergeable = True
-    routable = True  # the sparse path goes through ``scaled``
 
     def __init__(self, base: nn.Module, cfg: SparseFT, generator: torch.Generator) -> None:
         super().__init__(base)
         layer = self.base_layer()
         in_features, out_features = features(layer)
-        self.conv1d = not isinstance(layer, nn.Linear)
         self.in_features = in_features
         weight = layer.weight.T if self.conv1d else layer.weight
         k = max(1, round(cfg.density * in_features))
@@ -80,14 +77,6 @@ class SparseLinear(DeltaWrapper):
         dense = self.values.new_zeros(self.values.shape[0], self.in_features)
         return dense.scatter(1, self.indices.long(), self.values)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if not self.uses_delta:
-            return out
-        return out + self.scaled(F.linear(x, self.update()))
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.update().T if self.conv1d else self.update()
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.detach(), "indices": self.indices}
