@@ -20,7 +20,7 @@ from torch import nn
 
 from . import quant
 from .config import DeltaConfig
-from .errors import StateError
+from .errors import AttachError, StateError
 from .layers import linear_types
 
 
@@ -93,6 +93,9 @@ class DeltaWrapper(DeltaModule):
     """
 
     mergeable: bool = False
+    # opt-in, like ``routable``: the wrapper takes its dtype from ``quant.compute_dtype`` and never reads the integer
+    # weight, so it trains on a quantized base layer (tested in tests/quant); others are refused at attach
+    wraps_quantized: bool = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -100,6 +103,12 @@ class DeltaWrapper(DeltaModule):
         self.merged = False
         # decided once (the innermost layer never changes): torch.compile cannot trace the class check
         self.quantized_base = quant.is_quantized(self.base_layer())
+        if self.quantized_base and not self.wraps_quantized:
+            raise AttachError(f"{type(self).__name__} cannot train on the quantized layer "
+                              f"{quant.describe(self.base_layer())}: it builds its parameters or its update from a "
+                              f"floating-point weight. Load the base in full precision for this method, leave the "
+                              f"quantized layers out of its targets, or use a method that trains on quantized bases "
+                              f"(docs/quantized.md)")
 
     def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.named_parameters():

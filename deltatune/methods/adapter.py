@@ -70,6 +70,7 @@ class BottleneckAdapter(DeltaWrapper):
     """
 
     routable = True  # the adapter's output goes through ``scaled``
+    wraps_quantized = True  # tests/quant
 
     def __init__(self, base: nn.Module, dims: tuple[int, int], cfg: Adapter, parallel: bool,
                  source: str | None = None) -> None:

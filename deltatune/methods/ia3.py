@@ -54,6 +54,7 @@ class IA3Linear(DeltaWrapper):
 
     mergeable = True
     routable = True
+    wraps_quantized = True  # tests/quant
 
     def __init__(self, base: nn.Module, on_input: bool) -> None:
         super().__init__(base)

@@ -45,7 +45,6 @@ class LoHa(DeltaConfig):
 class LoHaLinear(WeightDeltaWrapper):
     """A frozen Linear/Conv1D plus x (delta W)^T, delta W built from the four factors at each call."""
 
-
     def __init__(self, base: nn.Module, cfg: LoHa) -> None:
         super().__init__(base)
         layer = self.base_layer()

@@ -73,7 +73,6 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 class LoKrLinear(WeightDeltaWrapper):
     """A frozen Linear/Conv1D plus x (delta W)^T, delta W = scale * kron(W1, W2) built at each call."""
 
-
     def __init__(self, base: nn.Module, cfg: LoKr) -> None:
         super().__init__(base)
         layer = self.base_layer()

@@ -60,7 +60,6 @@ def choose_entries(weight: torch.Tensor, k: int, select: str, generator: torch.G
 class SparseLinear(WeightDeltaWrapper):
     """A frozen Linear/Conv1D plus x S^T, S the (out, in) matrix holding ``values`` at ``indices``, zero elsewhere."""
 
-
     def __init__(self, base: nn.Module, cfg: SparseFT, generator: torch.Generator) -> None:
         super().__init__(base)
         layer = self.base_layer()

@@ -188,3 +188,18 @@ def test_activation_checkpointing_gives_the_same_gradients(loader):
         grads.append({k: p.grad.clone() for k, p in delta.parameters().items() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+@pytest.mark.parametrize("make", [lambda: dt.VeRA(r=16), lambda: dt.LoHa(r=4), lambda: dt.LoKr(r=4), lambda: dt.OFT(),
+                                  lambda: dt.SparseFT(), lambda: [dt.LoRA(r=4), dt.VeRA(r=16)]],
+                         ids=["vera", "loha", "lokr", "oft", "sparse", "lora+vera"])
+def test_methods_that_cannot_train_on_quantized_layers_are_refused_clearly(loader, make):
+    """Their parameters or updates come from a floating-point weight: a clear AttachError naming the layer, not
+    torch's 'Only Tensors of floating point ... can require gradients', and the model is left as it was."""
+    model = loader("nf4")
+    before = logits(model)
+    modules = dict(model.named_modules())
+    with pytest.raises(dt.AttachError, match=r"cannot train on the quantized layer Linear4bit nf4.*full precision"):
+        dt.attach(model, make())
+    assert dict(model.named_modules()).keys() == modules.keys() and not dt.deltas(model)
+    assert torch.equal(logits(model), before)

@@ -29,6 +29,7 @@ class LoRALinear(DeltaWrapper):
 
     mergeable = True
     routable = True  # the LoRA path goes through ``scaled`` (or the fused path, taken only when no scale is set)
+    wraps_quantized = True  # tests/quant
 
     def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoRA) -> None:
         super().__init__(base)
