@@ -200,6 +200,7 @@ class _PromptHooks:
         self.model, self.source = model, source
         params = inspect.signature(model.forward).parameters.values()
         self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.takes_positions = any(p.name == "position_ids" for p in params)  # per-sample routing needs them
         generates = getattr(model, "can_generate", None)
         self.at = 0 if generates is not None and generates() else 1
         self.stack: list[int | None] = []
@@ -257,7 +258,7 @@ class _PromptHooks:
         if scale.shape[0] != batch or not bool(((scale == 0) | (scale == 1)).all()):
             raise StateError(f"a prompt can be routed per sample with a 0/1 mask of one value per sample; got "
                              f"{tuple(scale.shape)} for a batch of {batch} (give dt.route one name per sample)")
-        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+        if not self.takes_positions:
             raise StateError(f"per-sample routing of a prompt sets each sample's position_ids, which "
                              f"{type(self.model).__name__}.forward does not take; run these samples with dt.active")
         return scale.bool()
