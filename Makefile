@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-sharded lint conformance bench bench-quality bench-defaults bench-quant clean
+.PHONY: install demo test test-fast test-sharded lint conformance bench bench-quality bench-defaults bench-quant bench-threads clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,9 @@ bench-quant: install  ## nf4 QLoRA vs PEFT + bitsandbytes on a random 0.5B Llama
 	$(PY) bench/quant.py make-model
 	$(PY) bench/quant.py pair --rounds 2 --out bench/results/quant.jsonl
 	$(PY) bench/quant.py table --out bench/results/quant.jsonl
+
+bench-threads: install  ## a run started right after a job that kept every core busy: old thread rule vs re-deciding (needs an otherwise idle machine)
+	$(PY) bench/threads.py --rounds 2 --steps 60
 
 bench-quality: install  ## accuracy of every method (and PEFT's LoRA) on SST-2, MRPC, CoLA, MR; table + PNG (~1 h)
 	$(PY) bench/quality.py sweep --tasks quality --recipes quality --jobs 2

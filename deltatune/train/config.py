@@ -36,6 +36,7 @@ from ..core.errors import ConfigError
 from ..core.recipe import Recipe, recipe_for
 from ..core.registry import config_classes
 from .quantization import QuantizationConfig, require_backend
+from .trackers import TRACKERS, require_tracker
 
 Task = Literal["classification", "causal_lm", "instruction"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc", "loss")
@@ -123,6 +124,9 @@ class TrainConfig(Section):
     #                                        what an `accelerate launch` config asks for
     num_threads: PositiveInt | None = None  # torch CPU threads; None: cores / processes, 1 on a busy machine
     progress: Literal["auto", "always", "never"] = "auto"  # auto: a bar only on a terminal and not under CI
+    report_to: list[Literal["tensorboard", "trackio", "mlflow"]] = []  # trackers mirroring metrics.jsonl
+    #                                        (train/trackers.py): "tensorboard" or a list; "none" = []
+    tracker_project: str | None = None     # trackio project / MLflow experiment; None: the run name
 
     @field_validator("eval_every")
     @classmethod
@@ -130,6 +134,15 @@ class TrainConfig(Section):
         if value in ("epoch", "never") or (isinstance(value, int) and value > 0):
             return value
         raise ValueError("must be 'epoch', 'never' or a positive number of steps")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        value = [] if value in (None, "none") else [value] if isinstance(value, str) else value
+        for name in value if isinstance(value, list) else []:
+            if name in TRACKERS:
+                require_tracker(name)
+        return value
 
     @field_validator("optimizer")
     @classmethod

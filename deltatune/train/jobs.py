@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from inspect import signature as inspect_signature
@@ -37,12 +36,14 @@ from .data import alpaca_prompt, load_split
 from .loop import Loop, MetricsLog, Session, autocast_dtype, evaluate, seed_everything
 from .models import check_vocab, guess_task, load_model, load_tokenizer, run_dir_of, train_module_names
 from .report import write_report
+from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 RUN_FILES = ("state", "best", "last", "metrics.jsonl", "config.yaml", "summary.json", "report.md", "loss.png",
-             "eval.png")
+             "eval.png", "tensorboard", "mlflow.db", "mlflow-artifacts")
 VOLATILE = {("train", "progress"), ("train", "device"), ("train", "num_threads"),  # may differ on --resume
-            ("train", "distributed")}  # the state is the same whether the base was sharded or replicated
+            ("train", "distributed"),  # the state is the same whether the base was sharded or replicated
+            ("train", "report_to"), ("train", "tracker_project")}  # a resumed run may report elsewhere
 
 
 # -- train ------------------------------------------------------------------------------------------
@@ -143,20 +144,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def cpu_threads(configured: int | None, world: int = 1) -> int:
-    """CPU threads per process: as configured, else torch's default shared out among processes, but 1 when
-    other work already keeps every core busy (1-minute load average >= cores - 0.5).
-
-    Why: torch's OpenMP threads wait for each other at every operator; when the OS deschedules one of them,
-    the others wait a whole time slice. On 2 busy cores a MiniLM LoRA step took 4.3-5.7 s with 2 threads and
-    0.46-0.79 s with 1 (measured while writing this); on idle cores 2 threads are the faster choice.
-    """
-    if configured:
-        return configured
-    cores = os.cpu_count() or 1
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores - 0.5
-    threads = 1 if busy else max(1, torch.get_num_threads() // world)
-    log.info("using %d CPU thread(s) per process%s", threads, " (the machine is busy)" if busy else "")
-    return threads
+    """CPU threads per process for a job without a training loop to re-decide in (train/threads.py)."""
+    return ThreadGovernor(configured, world).decide()
 
 
 def drop_unused_inputs(model, *splits: Encoded | None) -> None:
@@ -176,8 +165,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
         mode = sharding.resolve_mode(cfg.train.distributed, info.world)
         sharding.check_settings(cfg, mode)
         info = dataclasses.replace(info, sharded=mode == "fsdp")
-        if info.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(cfg.train.num_threads, info.world))
+        threads = ThreadGovernor(cfg.train.num_threads, info.world) if info.device.type == "cpu" else None
         tokenizer, train_set, eval_set = load_data(cfg, info)
         cfg = cfg.model_copy(deep=True)
         if train_set.label_names is not None:
@@ -189,11 +177,14 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
         if info.sharded:
             sharding.shard_model(model, delta, info)
         check_vocab(model, cfg.model.tokenizer or cfg.model.path, tokenizer.pad_token_id, train_set, eval_set)
-        loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info))
-        with distributed.peers_watched(info, run_dir):
+        if threads is not None:
+            threads.decide()  # measured over the start-up just done: what other processes use now
+        loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info, threads))
+        with distributed.peers_watched(info, run_dir), loop.trackers.closed_on_failure():
             loop.start(resume)
             progress = loop.run()
         summary = write_summary(run_dir, cfg, delta, progress) if info.is_main else {}
+        loop.trackers.finish(summary)
         if info.is_main:
             write_report(run_dir)
         distributed.barrier(info)  # no process leaves (and tears down the group) while rank 0 still writes

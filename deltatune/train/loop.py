@@ -37,6 +37,8 @@ from .config import RunConfig, TrainConfig
 from .metrics import classification_metrics, is_better, perplexity
 from .quantization import adamw_8bit
 from .state import Progress, load_state, rng_state, save_state, set_rng_state
+from .threads import ThreadGovernor
+from .trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Session:
     pad_id: int
     run_dir: Path
     dist: distributed.Dist
+    threads: ThreadGovernor | None = None  # re-decides the CPU thread count between steps
 
 
 def seed_everything(seed: int) -> None:
@@ -178,10 +181,11 @@ def warn_if_collapsed(preds: torch.Tensor, labels: torch.Tensor, label_names: li
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON record per line, appended as training goes (rank 0 only)."""
+    """``metrics.jsonl``: one JSON record per line, appended as training goes (rank 0 only), and mirrored
+    to the trackers of ``train.report_to``."""
 
-    def __init__(self, path: Path, keep_until: int | None) -> None:
-        self.path = path
+    def __init__(self, path: Path, keep_until: int | None, trackers: Trackers | None = None) -> None:
+        self.path, self.trackers = path, trackers
         kept = [r for r in self.read(path) if keep_until is not None and r.get("step", 0) <= keep_until]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -200,6 +204,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
 
 
 class Loop:
@@ -231,6 +237,7 @@ class Loop:
         self.saved_step: int | None = None
         self.window = {"loss": 0.0, "steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0}
         self.metrics: MetricsLog | None = None
+        self.trackers = Trackers([])  # rank 0's are made in ``start``
         self.lm_loss = self._fused_lm_loss() if self.t.fused_loss else None
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -262,7 +269,11 @@ class Loop:
             seed_everything(self.s.cfg.seed + self.dist.rank)
             distributed.broadcast_parameters(self.dist, self.params)
         if self.dist.is_main:
-            self.metrics = MetricsLog(self.s.run_dir / "metrics.jsonl", self.progress.step if resume else None)
+            self.trackers = Trackers(self.t.report_to, self.t.tracker_project)
+            self.trackers.start(self.s.run_dir, self.s.cfg.run_name or self.s.run_dir.name, self.s.cfg.to_dict(),
+                                self.progress.step if resume else None)
+            self.metrics = MetricsLog(self.s.run_dir / "metrics.jsonl", self.progress.step if resume else None,
+                                      self.trackers)
 
     def _fused_lm_loss(self) -> FusedLMLoss:
         """``train.fused_loss``: the loss from the base model's hidden states (compiled when ``train.compile``),
@@ -293,6 +304,8 @@ class Loop:
                 p.elapsed_s = time.perf_counter() - began
                 self._account(loss, group, time.perf_counter() - tick, bar)
                 self._after_step(epoch_end, last=p.step == self.total)
+                if self.s.threads is not None:
+                    self.s.threads.tick()
         distributed.check_agreement(self.dist, self.params)
         if self.dist.world > 1:
             log.info("all %d processes hold identical trained weights", self.dist.world)
