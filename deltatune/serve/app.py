@@ -122,7 +122,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings | None = 
     async def health() -> dict:
         s = batcher.stats
         return {"status": "ok", "task": engine.task, "models": engine.choices(), "batches": s.batches,
-                "rows": s.rows, "largest_batch": s.largest}
+                "rows": s.rows, "largest_batch": s.largest, "mixed_batches": engine.mixed_batches}
 
     @app.get("/v1/models")
     async def models() -> dict:

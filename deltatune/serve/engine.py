@@ -69,6 +69,7 @@ class Engine:
         default = [str(v) for _, v in sorted((getattr(model.config, "id2label", None) or {}).items())]
         self.labels = {n: list((labels or {}).get(n) or default) for n in [BASE_NAME, *self.names]}
         self.device = next(model.parameters()).device
+        self.mixed_batches = 0  # batches that served more than one delta (or a delta and the base) at once
 
     def resolve(self, name: str) -> str | None:
         """The delta a request's ``model`` field names (None for the base); StateError listing the choices."""
@@ -83,6 +84,7 @@ class Engine:
 
     def run(self, kind: str, sampling: Sampling | None, rows: list[Row]) -> list:
         """One batch: ``classify`` or ``generate`` (the batcher's single entry point)."""
+        self.mixed_batches += len({r.delta for r in rows}) > 1
         if kind == "classify":
             return self.classify(rows)
         return self.generate(rows, sampling or Sampling())
