@@ -73,6 +73,11 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings | None = 
         status, code = (400, "invalid_json") if not_json else (422, "invalid_request")
         return JSONResponse(error_body("malformed request: " + "; ".join(problems), code), status_code=status)
 
+    @app.exception_handler(Exception)
+    async def failed(_: Request, e: Exception) -> JSONResponse:  # a failed batch: its requests only (batcher.py)
+        return JSONResponse(error_body(f"the server failed on this request ({type(e).__name__}: {e})",
+                                       "internal_error", kind="server_error"), status_code=500)
+
     def delta_of(name: str) -> str | None:
         try:
             return engine.resolve(name)

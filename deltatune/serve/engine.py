@@ -9,13 +9,14 @@ threads). Everything here runs on one thread (the batcher's), because routing st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..compose.named import deltas, get_delta
+from ..compose.named import active, deltas, get_delta
 from ..compose.routing import check_routable, route
 from ..core.errors import ConfigError, StateError
 
@@ -93,7 +94,7 @@ class Engine:
     def classify(self, rows: list[Row]) -> list[list[float]]:
         """Class probabilities per row (softmax of the logits), each through its own delta and head."""
         ids, mask = pad([r.ids for r in rows], self.pad_id, left=False, device=self.device)
-        with route(self.model, [r.delta for r in rows]):
+        with self._routed(rows):
             logits = self.model(input_ids=ids, attention_mask=mask).logits
         return torch.softmax(logits.float(), dim=-1).tolist()
 
@@ -104,10 +105,18 @@ class Engine:
         ids, mask = pad([r.ids for r in rows], self.pad_id, left=True, device=self.device)
         picking = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
                    if sampling.temperature > 0 else {"do_sample": False})
-        with route(self.model, [r.delta for r in rows]):
+        with self._routed(rows):
             out = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=self.pad_id,
                                       max_new_tokens=max(r.max_new_tokens for r in rows), **picking)
         return [self._cut(out[i, ids.shape[1]:].tolist(), row.max_new_tokens) for i, row in enumerate(rows)]
+
+    def _routed(self, rows: list[Row]) -> contextlib.AbstractContextManager:
+        """Per-sample routing for a mixed batch; a batch for one delta (or the base) runs it alone, which is
+        cheaper: a single active LoRA folds into the base product, routed ones each add a masked path."""
+        names = {r.delta for r in rows}
+        if len(names) == 1:
+            return active(self.model, names.pop())
+        return route(self.model, [r.delta for r in rows])
 
     def _cut(self, new: list[int], limit: int) -> Generated:
         new = new[:limit]
