@@ -298,7 +298,7 @@ def load_table(model: str, run: str, rows: list[dict[str, Any]]) -> None:
         ratios = [r["rps"] / b["rps"] for r in mine for b in load
                   if b["mode"] == "one-at-a-time" and b["round"] == r["round"]]
         med = {k: statistics.median(r[k] for r in mine) for k in ("rps", "p50_ms", "p95_ms")}
-        print(f"{mode:<15}{med['rps']:>8.1f}{med['p50_ms']:>9.1f}{med['p95_ms']:>9.1f}"
+        print(f"{mode:<15}{med['rps']:>8.2f}{med['p50_ms']:>9.1f}{med['p95_ms']:>9.1f}"
               f"{statistics.median(ratios):>16.2f}x{statistics.median(r['load'][0] for r in mine):>10.1f}")
     for r in rows:
         if r["kind"] == "memory":
