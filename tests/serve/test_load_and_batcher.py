@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import deltatune as dt
+from deltatune.cli import app
 from deltatune.serve import Batcher, Engine, Row, load_engine, parse_deltas
 from deltatune.serve.engine import Sampling
 from tests.conftest import tiny_llama
@@ -85,3 +87,9 @@ def test_a_failing_batch_fails_only_its_own_requests():
 
     got = run_batches(Batcher(run, max_batch_size=4, max_wait_ms=20), [("bad", 1), ("ok", 2), ("ok", 3)])
     assert isinstance(got[0], RuntimeError) and got[1:] == [[2], [3]]
+
+
+def test_the_cli_refuses_a_malformed_delta_option_before_loading_anything():
+    result = CliRunner().invoke(app, ["serve", "some/base", "--delta", "sst2"])
+    assert result.exit_code == 2
+    assert "NAME=DIR" in result.output
