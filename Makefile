@@ -32,7 +32,7 @@ test-fast: install  ## skip the real-model tests
 test-sharded: install  ## the whole sharded-training matrix: 2 CPU processes (gloo) per case, ~10 min
 	$(PY) -m pytest -q -p no:cacheprovider tests/train/test_sharding.py
 
-lint: install  ## ruff, and the one-way import layering (core <- methods <- api <- compose/interop <- train <- auto <- cli)
+lint: install  ## ruff, and the one-way import layering (core <- methods <- api <- compose/interop <- train <- auto <- cli/serve)
 	$(VENV)/bin/ruff check deltatune tests examples bench
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_layering.py
 
@@ -65,6 +65,11 @@ bench-quality: install  ## accuracy of every method (and PEFT's LoRA) on SST-2, 
 bench-defaults: install  ## every method's defaults vs full fine-tuning on the eight public tasks (issue 10; ~2.5 h)
 	$(PY) bench/quality.py sweep --tasks all --recipes defaults --jobs 2
 	$(PY) bench/quality.py table --tasks all --recipes defaults
+
+.PHONY: bench-serve
+bench-serve: install  ## deltatune serve under 8 concurrent clients: mixed-delta batching vs one at a time vs a process per delta, RSS, routed vs PEFT adapter_names (MiniLM classify, SmolLM2 completions; ~15 min)
+	$(PY) bench/serve.py all --model minilm --rounds 3 --requests 30
+	$(PY) bench/serve.py load --model smollm2 --rounds 2 --requests 4
 
 .PHONY: bench-router
 bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)

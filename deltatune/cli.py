@@ -266,6 +266,35 @@ def generate(target: Annotated[str | None, typer.Argument(help="A run dir or che
 
 
 @app.command()
+def serve(base: Annotated[str, typer.Argument(help="The base model (directory or hub name), held once.")],
+          delta: Annotated[list[str] | None, typer.Option(
+              "--delta", "-d", help="NAME=DIR: a delta checkpoint or run dir, served as model NAME (repeat).")] = None,
+          task: Task = None,
+          gguf_file: Annotated[str | None, typer.Option(help="A GGUF file inside BASE (the offline SmolLM2).")] = None,
+          labels: Annotated[str | None, typer.Option(help="Comma-separated label names of the classification "
+                                                          "heads (default: the runs' data.labels).")] = None,
+          host: Annotated[str, typer.Option()] = "127.0.0.1",
+          port: Annotated[int, typer.Option()] = 8000,
+          max_batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward; 1: no batching.")] = 16,
+          max_wait_ms: Annotated[float, typer.Option(min=0.0, help="How long a batch waits for more rows.")] = 5.0,
+          max_body_bytes: Annotated[int, typer.Option(min=1, help="Larger request bodies get 413.")] = 1 << 20,
+          max_tokens: Annotated[int | None, typer.Option(min=1, help="Prompt + new tokens per row (default: the "
+                                                                     "model's context).")] = None,
+          debug: Debug = False) -> None:
+    """Serve many deltas over one base: OpenAI-compatible /v1/completions and /v1/chat/completions (the model
+    field names the delta; 'base' the bare model), /v1/classify for classifiers, /v1/models, /health."""
+    with _guard(debug):
+        from .serve.app import ServeSettings, create_app, serve_forever
+        from .serve.load import load_engine, parse_deltas
+
+        logging.getLogger("deltatune.compose.routing").setLevel(logging.WARNING)  # one line per batch otherwise
+        engine, tokenizer = load_engine(base, parse_deltas(delta or []), task, gguf_file,
+                                        labels=labels.split(",") if labels else None, max_tokens=max_tokens)
+        settings = ServeSettings(max_batch_size, max_wait_ms, max_body_bytes, max_tokens)
+        serve_forever(create_app(engine, tokenizer, settings), host, port)
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
            debug: Debug = False) -> None:
     """(Re)build report.md and the PNG plots of a run from its metrics.jsonl."""

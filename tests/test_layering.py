@@ -1,4 +1,4 @@
-"""The package's imports go one way: core <- methods <- api <- compose / interop <- train <- auto <- cli.
+"""The package's imports go one way: core <- methods <- api <- compose / interop <- train <- auto <- cli / serve.
 
 Read from the source (no imports executed): every ``from deltatune...``/relative import, at module level or
 inside a function, is an edge. The checks: no edge points to a higher layer, the module graph has no cycle,
@@ -12,9 +12,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deltatune"
-# Lower layers never import higher ones. compose and interop share a layer but stay independent of each other.
+# Lower layers never import higher ones. compose and interop share a layer but stay independent of each other;
+# so do cli and serve (the HTTP server, deltatune/serve/), except the CLI's lazy import of it.
 LAYERS = {"core": 0, "methods": 1, "api": 2, "inspect": 2, "compose": 3, "interop": 3, "train": 4, "auto": 5,
-          "cli": 6, "data": 6, "__init__": 7}
+          "cli": 6, "serve": 6, "data": 6, "__init__": 7}
 DEFERRED_ALLOWED = {"deltatune.cli"}  # typer subcommands load the training stack only when run: fast --help
 
 
@@ -71,13 +72,20 @@ def test_no_import_points_up_a_layer():
     upward = [f"{src} -> {dst}" for src, edges in graph().items() for dst, _ in edges
               if layer_of(dst) > layer_of(src)]
     assert not upward, "imports against the layering (core <- methods <- api <- compose/interop <- train <- auto " \
-                       f"<- cli): {upward}"
+                       f"<- cli / serve): {upward}"
 
 
 def test_compose_and_interop_are_independent():
     crossed = [f"{s} -> {d}" for s, edges in graph().items() for d, _ in edges
                if {area(s), area(d)} == {"compose", "interop"}]
     assert not crossed, crossed
+
+
+def test_the_library_never_imports_the_server():
+    """serve sits beside the CLI: only the CLI (lazily, in ``deltatune serve``) may import it."""
+    importers = sorted({src for src, edges in graph().items() for dst, _ in edges
+                        if area(dst) == "serve" and area(src) not in ("serve", "cli")})
+    assert not importers, f"modules importing deltatune.serve (only the CLI may): {importers}"
 
 
 def test_no_import_cycles():
