@@ -105,7 +105,7 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     embeddings = get() if get is not None else None
     if embeddings is None or getattr(embeddings, "weight", None) is None:
         raise AttachError(f"prompt tuning needs the model's input embeddings (get_input_embeddings()), which "
-                          f"{type(model).__name__} does not provide")
+                          f"{type(model).__name__} does not provide (a vision transformer: use dt.VisualPromptTuning)")
     return embeddings
 
 

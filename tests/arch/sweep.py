@@ -45,11 +45,12 @@ CONFIGS: dict[str, Callable[[torch.nn.Module], list]] = {
     "oft": lambda m: [dt.OFT(block_size=8)],
     "sparse": lambda m: [dt.SparseFT(density=0.1)],
     "tokens": lambda m: [dt.TrainableTokens(token_ids=[5, 17, 42])],
+    "visual_prompt": lambda m: [dt.VisualPromptTuning(num_tokens=4)],
     "gates": lambda m: [dt.LoRA(r=4, alpha=8), dt.Adapter(kind="pfeiffer", bottleneck=8), dt.Gates()],
 }
 # methods that change outputs at attach by design (virtual tokens in the attention or the input)
-NOT_IDENTITY = {"prefix", "prompt", "ipt"}
-LEARNING_RATE = {"ia3": 0.1, "vera": 0.1, "prompt": 0.1, "ipt": 0.1, "prefix": 0.05}
+NOT_IDENTITY = {"prefix", "prompt", "ipt", "visual_prompt"}
+LEARNING_RATE = {"ia3": 0.1, "vera": 0.1, "prompt": 0.1, "ipt": 0.1, "prefix": 0.05, "visual_prompt": 0.1}
 
 
 def outputs(model: torch.nn.Module, arch: str) -> torch.Tensor:
