@@ -115,3 +115,11 @@ def test_options_that_need_a_2d_weight_are_refused_by_name(option):
 def test_linear_only_methods_name_lora_for_the_experts():
     with pytest.raises(dt.TargetError, match="only dt.LoRA reaches"):
         dt.attach(ARCHS["mixtral"].build(), dt.VeRA(targets=["experts"]), train_modules=None)
+
+
+def test_peft_export_is_refused_with_the_reason(tmp_path):
+    model = ARCHS["mixtral"].build()
+    delta = dt.attach(model, dt.LoRA(r=2, targets=["experts"]), train_modules=None)
+    with pytest.raises(dt.StateError, match="one pair per expert"):
+        dt.export_peft(delta, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
