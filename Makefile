@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-sharded lint conformance bench bench-quality bench-defaults bench-quant bench-threads clean
+.PHONY: install demo test test-fast test-sharded test-architectures lint conformance bench bench-quality bench-defaults bench-quant bench-threads bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ test: install  ## the whole suite, slow real-model tests included (what CI runs)
 
 test-fast: install  ## skip the real-model tests
 	$(PY) -m pytest -q -m "not slow and not matrix"
+
+test-architectures: install  ## every method x 16 tiny architectures (tests/test_architectures.py), ~4 CPU-minutes
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_architectures.py
 
 test-sharded: install  ## the whole sharded-training matrix: 2 CPU processes (gloo) per case, ~10 min
 	$(PY) -m pytest -q -p no:cacheprovider tests/train/test_sharding.py

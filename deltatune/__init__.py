@@ -51,6 +51,7 @@ from .methods.sparse import SparseFT
 from .methods.tokens import TrainableTokens
 from .methods.train_modules import TrainModules
 from .methods.vera import VeRA
+from .methods.visual_prompt import VisualPromptTuning
 
 __all__ = [
     "__version__",
@@ -64,6 +65,7 @@ __all__ = [
     # methods
     "LoRA", "RankBudget", "Adapter", "BitFit", "IA3", "PrefixTuning", "PromptTuning", "IntrinsicPromptTuning",
     "fit_intrinsic_subspace", "TrainModules", "VeRA", "LoHa", "LoKr", "OFT", "SparseFT", "TrainableTokens",
+    "VisualPromptTuning",
     "eva_init",
     # speed (core/onednn.py, core/lm_loss.py)
     "enable_onednn", "disable_onednn", "FusedLMLoss", "linear_cross_entropy",

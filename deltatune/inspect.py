@@ -7,6 +7,7 @@ from torch import nn
 from .core import quant
 from .core.delta import Delta, deltas_of
 from .core.inject import DeltaModule, DeltaWrapper, named_base_parameters
+from .core.targets import unreached_expert_banks
 
 
 def _fmt(n: int) -> str:
@@ -65,6 +66,11 @@ def inspect(model: nn.Module) -> str:
         methods = " + ".join(c.describe() for c in delta.configs)
         lines.append(f"delta {name!r} [{state}]: {methods}; {delta.summary()}")
         lines.extend(_tree(_module_rows(delta)))
+    unreached = unreached_expert_banks(model) if table else []
+    if unreached:
+        lines.append(f"not reached: the routed experts of {len(unreached)} mixture-of-experts layers ({unreached[0]}"
+                     f"{', ...' if len(unreached) > 1 else ''}; fused 3-D weights): dt.LoRA(targets=[..., 'experts']) "
+                     f"trains them")
     lines.append(f"requires_grad now: {trainable:,} of {base + own:,} parameters "
                  f"({100 * trainable / max(base + own, 1):.3f}%)")
     return "\n".join(lines)

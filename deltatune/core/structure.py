@@ -8,15 +8,20 @@ and most other transformers models:
   and contain Linear/Conv1D layers (``encoder.layer``, ``model.layers``, ``transformer.h``);
 - in a block, an *attention* module is an outermost non-Linear submodule with "attn"/"attention" in
   its name or class name that contains linear layers (``attention``, ``self_attn``, ``attn``);
-  its *output projection* is its last linear layer (``attention.output.dense``, ``o_proj``, ``c_proj``);
+  its *output projection* is its last linear layer named like one (``attention.output.dense``, ``o_proj``,
+  ``c_proj``), else its last linear layer (Phi-3 registers ``o_proj`` before its fused ``qkv_proj``);
 - the block's other linear layers form the *feed-forward* path, in registration order: the first one
   reads the FFN input (``intermediate.dense``, ``gate_proj``, ``c_fc``), the last one is the FFN output
   (down) projection (``output.dense``, ``down_proj``, ``mlp.c_proj``);
 - key / value projections are attention linears named like keys/values (``key``, ``k_proj``, ``k``, ...);
   an attention module without them has a *fused* input projection (GPT-2 ``c_attn``).
 
-When a model does not fit (no repeated blocks, an FFN that does not map back to the hidden size, e.g.
-mixture-of-experts), a TargetError says so and asks for explicit ``targets``.
+- in a mixture-of-experts block the routed experts are fused 3-D weights, not Linear layers
+  (``core.layers.ExpertBank``): the block's *MoE module* (``mlp``, the parent of ``mlp.experts``) stands for the
+  feed-forward sublayer, and its experts module is recorded too.
+
+When a model does not fit (no repeated blocks, an FFN that does not map back to the hidden size), a TargetError
+says so and asks for explicit ``targets``.
 """
 
 from __future__ import annotations
@@ -28,13 +33,16 @@ from torch import nn
 
 from .errors import TargetError
 from .inject import named_base_modules
-from .layers import linear_types
+from .layers import ExpertBank, linear_types
 from .targets import layer_index
 
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 # Leaf names used for key / value projections across transformers (BERT, Llama/OPT/BART, T5, DistilBERT, ...)
 KEY_NAMES = frozenset({"key", "k_proj", "k", "k_lin", "wk", "key_proj"})
 VALUE_NAMES = frozenset({"value", "v_proj", "v", "v_lin", "wv", "value_proj"})
+# Leaf names of attention output projections (BERT ``output.dense``, Llama ``o_proj``, BART ``out_proj``, GPT-2
+# ``c_proj``, T5 ``o``, DistilBERT ``out_lin``, DeBERTa ``output.dense``)
+OUTPUT_NAMES = frozenset({"dense", "o_proj", "out_proj", "c_proj", "o", "out_lin", "wo", "out"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +56,9 @@ class Block:
     keys: tuple[str, ...]
     values: tuple[str, ...]
     fused_qkv: tuple[str, ...]        # input projections of attention modules without separate k/v
-    ffn: tuple[str, ...]              # feed-forward linears in registration order
+    ffn: tuple[str, ...]              # feed-forward linears in registration order (empty in a MoE block)
+    moe: str | None = None            # the mixture-of-experts module standing for the FFN (``mlp``), if any
+    experts: str | None = None        # its routed experts (fused 3-D weights, ``mlp.experts``)
 
     @property
     def ffn_input(self) -> str:
@@ -103,15 +113,22 @@ def _describe_block(path: str, modules: dict[str, nn.Module]) -> Block:
     linears = [p for p, m in inner.items() if isinstance(m, linear_types())]
     attention = _attention_modules(inner, linears)
     att_linears = [p for p in linears if _under(p, attention)]
-    outputs = [[p for p in att_linears if p.startswith(a + ".")][-1] for a in attention]
+    outputs = [_output_projection([p for p in att_linears if p.startswith(a + ".")]) for a in attention]
     leaf = {p: p.rsplit(".", 1)[-1] for p in att_linears}
     keys = [p for p in att_linears if leaf[p] in KEY_NAMES]
     values = [p for p in att_linears if leaf[p] in VALUE_NAMES]
     fused = [p for a in attention if not any(k.startswith(a + ".") for k in keys + values)
              for p in att_linears if p.startswith(a + ".") and p not in outputs]
     ffn = [p for p in linears if p not in att_linears]
+    banks = [p for p, m in inner.items() if isinstance(m, ExpertBank)]
+    experts = banks[0] if banks and not ffn else None
     return Block(path, tuple(attention), tuple(att_linears), tuple(outputs), tuple(keys), tuple(values),
-                 tuple(fused), tuple(ffn))
+                 tuple(fused), tuple(ffn), experts.rpartition(".")[0] if experts else None, experts)
+
+
+def _output_projection(linears: list[str]) -> str:
+    named = [p for p in linears if p.rsplit(".", 1)[-1] in OUTPUT_NAMES]
+    return (named or linears)[-1]
 
 
 def block_paths(model: nn.Module) -> list[str]:
@@ -146,6 +163,8 @@ def _check_block(block: Block, modules: dict[str, nn.Module], method: str) -> No
     if not block.attention:
         raise TargetError(f"{method}: block {block.path} has no recognisable attention module (a submodule named "
                           f"like 'attn'/'attention' holding Linear layers); pass targets=[...] explicitly")
+    if block.moe is not None:
+        return
     if not block.ffn:
         raise TargetError(f"{method}: block {block.path} has no feed-forward Linear layers outside attention; "
                           f"pass targets=[...] explicitly")

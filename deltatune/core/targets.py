@@ -10,6 +10,7 @@ is listed, which works for any transformers model without knowing its attribute 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from collections.abc import Iterable, Sequence
 
@@ -17,10 +18,12 @@ from torch import nn
 
 from .errors import TargetError
 from .inject import DeltaModule, DeltaWrapper, named_base_modules
-from .layers import linear_types
+from .layers import ExpertBank, linear_types
 
 Targets = str | Sequence[str]
 ALL_LINEAR = "all-linear"
+
+log = logging.getLogger(__name__)
 
 
 def layer_index(name: str) -> int | None:
@@ -64,6 +67,30 @@ def _all_linear(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[st
     return found
 
 
+def unreached_expert_banks(model: nn.Module) -> list[str]:
+    """Paths of mixture-of-experts expert modules (fused 3-D weights, ``core.layers.ExpertBank``) that no delta
+    wraps: "all-linear" and Linear-only methods pass them by, so say so instead of training attention alone."""
+    return [name for name, module in named_base_modules(model) if isinstance(module, ExpertBank)
+            and not _is_wrapped(model, name)]
+
+
+def _is_wrapped(model: nn.Module, path: str) -> bool:
+    module = model
+    for part in path.split("."):
+        module = getattr(module, part)
+    return isinstance(module, DeltaWrapper)
+
+
+def _warn_unreached_experts(model: nn.Module, types: tuple[type[nn.Module], ...], selected: set[str]) -> None:
+    banks = [n for n, m in named_base_modules(model) if isinstance(m, ExpertBank) and n not in selected]
+    if banks:
+        how = ("add 'experts' to targets" if ExpertBank in types
+               else "use dt.LoRA(targets=['all-linear', 'experts']), this method wraps Linear layers only")
+        log.warning("'all-linear' reaches only Linear layers: the routed experts of %d mixture-of-experts layers "
+                    "(e.g. %s) are fused 3-D weights and stay untouched; to train them (per-expert LoRA) %s",
+                    len(banks), banks[0], how)
+
+
 def _leaf_names(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
     """Distinct last path components of modules of the given types: what a user would type."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in named_base_modules(model) if isinstance(m, types) and name})
@@ -95,12 +122,16 @@ def find_targets(model: nn.Module, targets: Targets, types: tuple[type[nn.Module
             hits = [n for n in matched if isinstance(modules[n], types)]
             if matched and not hits:
                 kinds = sorted({type(modules[n]).__name__ for n in matched})
+                if any(isinstance(modules[n], ExpertBank) for n in matched):
+                    kinds.append("fused mixture-of-experts weights, which only dt.LoRA reaches")
                 raise TargetError(f"{method}: target {pattern!r} matches modules of type {kinds}, but {method} "
                                   f"wraps only {_type_names(types)}; name a submodule instead, e.g. "
                                   f"{_close_or_some(pattern, _leaf_names(model, types))}")
         if not hits:
             raise TargetError(_no_match_message(model, pattern, types, method))
         selected.update(hits)
+    if ALL_LINEAR in patterns:
+        _warn_unreached_experts(model, types, selected)
     if layers is not None:
         selected = {n for n in selected if layer_index(n) in set(layers)}
         if not selected:

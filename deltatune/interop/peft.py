@@ -28,6 +28,7 @@ from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.errors import CheckpointError, CheckpointNotFoundError, StateError
 from ..core.inject import Attachment, DeltaModule
+from ..core.layers import ExpertBank
 from ..methods.loha import LoHa
 from ..methods.lokr import LoKr
 from ..methods.lora import LoRA, LoRAEmbedding
@@ -94,6 +95,11 @@ def _lora_tensors(module: DeltaModule) -> dict[str, torch.Tensor]:
 def _lora_config(att: Attachment) -> dict[str, Any]:
     cfg = att.config
     wrappers = att.wrappers()
+    experts = sorted(p for p, w in wrappers.items() if isinstance(w.base_layer(), ExpertBank))
+    if experts:  # PEFT's target_parameters keeps one rank-r pair for all experts of a weight, not one per expert
+        raise StateError(f"this LoRA reaches the fused expert weights of mixture-of-experts layers ({experts[:2]}) "
+                         f"with one pair per expert, which PEFT's format cannot hold; save it with delta.save(), or "
+                         f"leave 'experts' out of targets to export")
     plain = {p: w.plain_factors()[2:] for p, w in wrappers.items()}  # (r, alpha) as exported
     r, alpha = (cfg.r, cfg.alpha) if cfg.init not in ("pissa", "olora") else next(iter(plain.values()))
     conv1d = any(not isinstance(w.base_layer(), (nn.Linear, nn.Embedding)) for w in wrappers.values())

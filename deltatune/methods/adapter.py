@@ -9,6 +9,10 @@
   On models whose FFN is not one module (BERT: ``intermediate`` + ``output``), the FFN input is taken
   with a forward pre-hook on the FFN's first Linear and added at its last Linear.
 
+In a mixture-of-experts block the feed-forward sublayer is the MoE module (``mlp``: router + fused experts,
+core/structure.py): the adapter goes after it (houlsby / pfeiffer) or alongside it (parallel), so one adapter
+serves every expert; the experts' own weights are reached by ``dt.LoRA(targets=["experts"])``.
+
 Placement comes from the model's structure (core/structure.py), not from per-architecture tables;
 ``targets=`` overrides it (any module holding a Linear/Conv1D: sequential after it, or parallel to it).
 W_up starts at zero, so the model is unchanged at attach.
@@ -168,7 +172,10 @@ def _plan(model: nn.Module, cfg: Adapter, modules: dict[str, nn.Module]) -> list
     for block in transformer_blocks(model, "adapter", cfg.layers):
         if cfg.kind == "houlsby":
             spots.extend(_Spot(p, _square(modules[p]), False) for p in block.attention_outputs)
-        if parallel:
+        if block.moe is not None:  # the MoE module maps hidden -> hidden: wrap it whole
+            hidden = features(modules[block.attention_outputs[0]])[1]
+            spots.append(_Spot(block.moe, (hidden, hidden), parallel))
+        elif parallel:
             dims = (features(modules[block.ffn_input])[0], features(modules[block.ffn_output])[1])
             spots.append(_Spot(block.ffn_output, dims, True, block.ffn_input))
         else:

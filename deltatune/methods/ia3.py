@@ -8,21 +8,26 @@ output scaling multiplies the weight's output rows and the bias, input scaling t
 Default placement comes from the model's structure (core/structure.py): BERT ``key``/``value``/
 ``output.dense``, Llama ``k_proj``/``v_proj``/``down_proj``, GPT-2 ``c_attn``/``mlp.c_proj``. A fused
 q/k/v projection (GPT-2 ``c_attn``) gets one vector over all its outputs, as PEFT does: the extra query
-scaling multiplies into the key scaling in q.k, and it is correct whatever the q/k/v layout is.
+scaling multiplies into the key scaling in q.k, and it is correct whatever the q/k/v layout is (Phi-3 ``qkv_proj``).
+In a mixture-of-experts block the FFN down projections are the experts' fused 3-D ``down_proj`` (E, H, I):
+``IA3Experts`` gives each expert its own l_ff (E, I) on the input of its down projection, applied as a scaled
+weight inside the experts module's own forward and merged exactly the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, StateError
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
-from ..core.layers import linear_types
+from ..core.layers import expert_weights, linear_types
 from ..core.merge_on_the_fly import linear_forward, merges_pay
 from ..core.recipe import Recipe
 from ..core.registry import register
@@ -111,13 +116,52 @@ class IA3Linear(DeltaWrapper):
         return "scales input (FFN activations)" if self.on_input else "scales output"
 
 
+class IA3Experts(DeltaWrapper):
+    """IA3's FFN scaling for routed experts: expert e's down projection reads l_e * act(...), i.e. uses the weight
+    W_down[e] * l_e (columns scaled); l (E, I) starts at 1. The down projection is the experts module's last 3-D
+    weight (``down_proj``), as the last Linear is the FFN output elsewhere."""
+
+    mergeable = True
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.weight_name, weight = list(expert_weights(self.base_layer()).items())[-1]
+        self.l = nn.Parameter(torch.ones(weight.shape[0], weight.shape[2], dtype=weight.dtype, device=weight.device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.uses_delta:
+            return self.base(*args, **kwargs)
+        prefix, layer = "", self.base
+        while isinstance(layer, DeltaWrapper):  # parameter names through stacked wrappers
+            prefix, layer = prefix + "base.", layer.base
+        weight = getattr(self.base_layer(), self.weight_name)
+        return functional_call(self.base, {prefix + self.weight_name: weight * self.l.unsqueeze(1)}, args, kwargs,
+                               strict=False)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.l.abs().min() < _MIN_MERGE_SCALE:
+            raise StateError(f"ia3: a scale is below {_MIN_MERGE_SCALE:g} in absolute value, so merging could not be "
+                             f"undone exactly; keep this delta unmerged")
+        getattr(self.base_layer(), self.weight_name).mul_(self.l.unsqueeze(1))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        getattr(self.base_layer(), self.weight_name).div_(self.l.unsqueeze(1))
+        self.merged = False
+
+    def extra_summary(self) -> str:
+        return f"scales the input of each expert's {self.weight_name}"
+
+
 def _plan(model: nn.Module, cfg: IA3) -> dict[str, bool]:
     """Module path -> whether its input (True) or output (False) is rescaled."""
     if cfg.targets is None:
         plan: dict[str, bool] = {}
         for block in transformer_blocks(model, "ia3", cfg.layers):
             plan.update({p: False for p in (*block.keys, *block.values, *block.fused_qkv)})
-            plan[block.ffn_output] = True
+            plan[block.experts or block.ffn_output] = True
         return plan
     paths = find_targets(model, cfg.targets, linear_types(), cfg.layers, "ia3")
     ffn = find_targets(model, cfg.feedforward, linear_types(), cfg.layers, "ia3") if cfg.feedforward else []
@@ -132,6 +176,7 @@ def attach(model: nn.Module, cfg: IA3, att: Attachment) -> None:
     for path, on_input in _plan(model, cfg).items():
 
         def make(module: nn.Module, on_input: bool = on_input) -> DeltaWrapper:
-            return IA3Linear(module, on_input)
+            layer = module.base_layer() if isinstance(module, DeltaWrapper) else module
+            return IA3Linear(module, on_input) if isinstance(layer, linear_types()) else IA3Experts(module)
 
         att.modules[path] = wrap_module(model, path, make)

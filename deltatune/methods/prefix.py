@@ -13,6 +13,10 @@ without a prefix attached run unchanged even if they share the config. Prefix ke
 With ``reparam_hidden`` the prefixes are produced during training by one MLP shared by all layers, from a
 smaller matrix P' (the paper's reparameterisation, which stabilises training); checkpoints hold the folded,
 plain prefixes, and a loaded delta is plain prefixes (``fold_prefixes`` does the same in memory).
+
+DeBERTa's disentangled self-attention does not call the attention interface: there a ``DisentangledPrefix``
+wrapper runs the module's attention with the prefix columns added (prefix_deberta.py, which says what a prefix
+slot gets in place of DeBERTa's relative-position terms, and why).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import AttachError, StateError
-from ..core.inject import Attachment, DeltaModule, add_free_module, named_base_modules
+from ..core.inject import Attachment, DeltaModule, DeltaWrapper, add_free_module, named_base_modules, wrap_module
 from ..core.recipe import Recipe
 from ..core.registry import register
+from .prefix_deberta import disentangled_attention, is_disentangled_attention
 
 # Attention implementations a prefix can be added to, and the name of the prefixing variant of each.
 # Flash attention takes padding as unpadded sequences and flex attention a BlockMask: neither has a dense
@@ -257,6 +262,29 @@ def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return _inner_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
 
 
+class DisentangledPrefix(DeltaWrapper):
+    """Runs a DeBERTa self-attention module with its ``PrefixKV`` children's prefixes (no parameters of its own:
+    the prefixes stay children of the attention module, as everywhere else)."""
+
+    routable = True  # routed per sample through the prefixes' slot masks, as prefixed_attention does
+
+    @property
+    def gateable(self) -> bool:
+        return False
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = False,
+                **kwargs):
+        module = self.base_layer()
+        prefixes = [m for m in module.children() if isinstance(m, PrefixKV) and m.active]
+        if not self.active or not prefixes:
+            return self.base(hidden_states, attention_mask, output_attentions, **kwargs)
+        pairs = [m.key_value() for m in prefixes]
+        pk, pv = torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
+        visible = _visible_slots(prefixes, hidden_states.shape[0])
+        return disentangled_attention(module, pk, pv, visible, hidden_states, attention_mask, output_attentions,
+                                      **kwargs)
+
+
 def _register_implementations() -> None:
     """Add the prefixing implementations to transformers' registries (idempotent; new names only, so
     models that don't use them are unaffected). Masks are built exactly as for the base implementation."""
@@ -329,27 +357,37 @@ def _guard(prefix: PrefixKV, path: str, module: nn.Module, args) -> None:
                          f"implementation ('sdpa' or 'eager'), then attach again")
 
 
+def _disentangled_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(path, m) for path, m in named_base_modules(model) if is_disentangled_attention(m)]
+
+
 @register(PrefixTuning)
 def attach(model: nn.Module, cfg: PrefixTuning, att: Attachment) -> None:
     sites = attention_sites(model)
-    if not sites:
+    disentangled = _disentangled_sites(model)
+    if not sites and not disentangled:
         raise AttachError(f"prefix tuning found no attention module in {type(model).__name__} that calls "
                           f"transformers' attention interface (ALL_ATTENTION_FUNCTIONS, transformers >= 5), so it "
                           f"cannot add key/value prefixes to this model; use another method (e.g. dt.LoRA)")
     _check_implementations(model, sites)
     shapes = [_kv_shape(m, cfg.num_tokens) for _, m in sites]
+    shapes += [(m.num_attention_heads, cfg.num_tokens, m.attention_head_size) for _, m in disentangled]
     like = next(model.parameters())
     encoder = None
     if cfg.reparam_hidden:
         sizes = [2 * h * d for h, _, d in shapes]
         encoder = PrefixEncoder(cfg.num_tokens, max(h * d for h, _, d in shapes), cfg.reparam_hidden, sizes, like)
         add_free_module(model, att, "prefix_encoder", encoder)
-    for index, ((path, module), shape) in enumerate(zip(sites, shapes, strict=True)):
+    for index, ((path, module), shape) in enumerate(zip(sites + disentangled, shapes, strict=True)):
         dtype, device = quant.float_dtype(module, like)
         prefix = PrefixKV(shape, torch.empty(0, dtype=dtype, device=device), encoder, index)  # not int weights
         add_free_module(model, att, f"{path}.prefix", prefix)
-        att.hooks.append(module.register_forward_pre_hook(functools.partial(_guard, prefix, path)))
-    _route_attention(model, sites, att)
+        if index >= len(sites):  # DeBERTa: run its attention with the prefixes
+            att.modules[path] = wrap_module(model, path, DisentangledPrefix)
+        else:
+            att.hooks.append(module.register_forward_pre_hook(functools.partial(_guard, prefix, path)))
+    if sites:
+        _route_attention(model, sites, att)
 
 
 def fold_prefixes(delta) -> int:

@@ -13,6 +13,12 @@ Two hooks on the top-level model, their handles in the attachment record (no wra
 During cached generation the cache already holds the prompt after the first step: later steps only get their
 mask extended and positions shifted.
 
+Encoder-decoder models (T5, BART) get the prompt on the encoder side, in front of the input (``_EncoderPrompt``):
+a pre-hook on the encoder inserts it (and extends the encoder's mask), and a pre-hook on the top-level model
+extends the attention mask it hands the decoder's cross-attention, so it covers the prompt too. The decoder is
+unchanged; ``encoder_last_hidden_state`` keeps the prompt positions (the decoder reads them). Hooking the encoder
+itself matters: ``generate`` runs it on its own, past the top-level forward.
+
 ``install_prompt`` is shared with intrinsic prompt tuning (ipt.py), whose prompt is a function of z.
 """
 
@@ -99,7 +105,7 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     embeddings = get() if get is not None else None
     if embeddings is None or getattr(embeddings, "weight", None) is None:
         raise AttachError(f"prompt tuning needs the model's input embeddings (get_input_embeddings()), which "
-                          f"{type(model).__name__} does not provide")
+                          f"{type(model).__name__} does not provide (a vision transformer: use dt.VisualPromptTuning)")
     return embeddings
 
 
@@ -323,12 +329,78 @@ class _PromptHooks:
         return output
 
 
+class _EncoderPrompt:
+    """The hooks of one prompt on an encoder-decoder model: the prompt goes first in the encoder's input; the
+    masks of the encoder and of the decoder's cross-attention get P ones in front. Not routable per sample: the
+    unrouted samples' encoder positions (BART's learned ones) would move, so dt.route refuses instead of
+    computing something else."""
+
+    def __init__(self, model: nn.Module, encoder: nn.Module, source: PromptSource) -> None:
+        self.model, self.source = model, source
+        self.encoder_args = _positional_names(encoder)
+        self.model_args = _positional_names(model)
+
+    def _by_name(self, names: list[str], args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(names):
+            raise StateError(f"{type(self.model).__name__} got {len(args)} positional arguments; pass inputs by name")
+        if self.source.sample_scale is not None:
+            raise StateError("per-sample routing (dt.route) is not supported for prompts on encoder-decoder models: "
+                             "the encoder positions of the other samples would move; run them with dt.active")
+        return {**dict(zip(names[:len(args)], args, strict=False)), **kwargs}
+
+    def before_encoder(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.source.active:
+            return None
+        kwargs = self._by_name(self.encoder_args, args, kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            if kwargs.get("input_ids") is None:
+                return (), kwargs  # nothing to add the prompt to; the encoder reports the missing input
+            embeds = input_embeddings(self.model)(kwargs["input_ids"])
+        n, (batch, length) = self.source.num_tokens, embeds.shape[:2]
+        prompt = self.source.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs["input_ids"], kwargs["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == length:  # not extended by the model's hook yet
+            kwargs["attention_mask"] = _insert(mask, 0, n, 1)
+        return (), kwargs
+
+    def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The top-level mask serves the encoder (when it runs here) and the cross-attention: cover the prompt."""
+        if not self.source.active:
+            return None
+        kwargs = self._by_name(self.model_args, args, kwargs)
+        mask, encoded = kwargs.get("attention_mask"), kwargs.get("encoder_outputs")
+        if mask is None or mask.dim() != 2:
+            return (), kwargs  # no mask: every encoder position is attended, the prompt's included
+        n = self.source.num_tokens
+        states = encoded[0] if encoded is not None else None
+        if states is None or states.shape[1] == mask.shape[1] + n:
+            kwargs["attention_mask"] = _insert(mask, 0, n, 1)
+        return (), kwargs
+
+
+def _positional_names(module: nn.Module) -> list[str]:
+    params = inspect.signature(module.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _install_encoder_prompt(model: nn.Module, source: DeltaModule, att: Attachment) -> None:
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    if encoder is None:
+        raise AttachError(f"prompt tuning on the encoder-decoder {type(model).__name__} needs its encoder "
+                          f"(get_encoder()); use dt.PrefixTuning there")
+    hooks = _EncoderPrompt(model, encoder, source)
+    att.hooks.append(encoder.register_forward_pre_hook(hooks.before_encoder, with_kwargs=True))
+    att.hooks.append(model.register_forward_pre_hook(hooks.before_model, with_kwargs=True))
+
+
 def install_prompt(model: nn.Module, source: DeltaModule, att: Attachment, leaf: str) -> None:
     """Add ``source`` (a PromptSource) at ``model.<leaf>`` and hook the model's forward; all recorded in ``att``."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        # generate() runs the encoder on its own, past the top-level forward these hooks sit on
-        raise AttachError(f"prompt tuning supports encoder-only and decoder-only models; {type(model).__name__} is "
-                          f"an encoder-decoder model (config.is_encoder_decoder); use dt.PrefixTuning there")
+        add_free_module(model, att, leaf, source)
+        _install_encoder_prompt(model, source, att)
+        return
     add_free_module(model, att, leaf, source)
     sources = model.__dict__.setdefault(PROMPTS, [])  # every prompt on the model, for the routed cached steps
     sources.append(source)

@@ -62,6 +62,9 @@ class TokensEmbedding(DeltaWrapper):
         hit = ids.unsqueeze(-1) == self.token_ids  # (..., n)
         found = hit.any(-1, keepdim=True)
         new = self.rows[hit.to(torch.uint8).argmax(-1)].to(out.dtype)
+        scale = getattr(self.base_layer(), "embed_scale", None)  # Gemma's embedding multiplies its rows by sqrt(d)
+        if isinstance(scale, torch.Tensor):
+            new = new * scale.to(out.dtype)
         if self.sample_scale is None and self.gate_scale is None:
             return torch.where(found, new, out)  # exact: the trained row itself
         return out + self.scaled(torch.where(found, new - out, torch.zeros_like(out)))

@@ -224,14 +224,18 @@ def test_bad_config_names_the_field(field, value):
         dt.PromptTuning(**{field: value})
 
 
-def test_encoder_decoder_models_are_refused_untouched():
+def test_encoder_decoder_prompt_detaches_without_a_trace():
+    """Encoder-decoder models get the prompt on the encoder side (test_prompt_encoder_decoder.py); detach takes
+    both hooks (encoder and top-level model) and the prompt module out again."""
     from tests.methods.test_prefix import tiny_seq2seq
 
     model = tiny_seq2seq("bart")
     names = dict(model.named_modules())
-    with pytest.raises(dt.AttachError, match="encoder-decoder"):
-        dt.attach(model, dt.PromptTuning(num_tokens=3))
-    assert dict(model.named_modules()) == names and not model._forward_pre_hooks
+    dt.attach(model, dt.PromptTuning(num_tokens=3))
+    assert model._forward_pre_hooks and model.get_encoder()._forward_pre_hooks
+    dt.detach(model)
+    assert dict(model.named_modules()) == names
+    assert not model._forward_pre_hooks and not model.get_encoder()._forward_pre_hooks
 
 
 @pytest.mark.parametrize("cache_key", ["cache", "past_key_values"])  # transformers 5.24 renamed it "cache"

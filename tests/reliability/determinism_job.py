@@ -15,7 +15,10 @@ from safetensors.torch import save_file
 
 import deltatune as dt
 from deltatune.methods import METHODS
+from tests.arch.models import ARCHS
 from tests.conftest import batch, tiny_bert
+
+VISION = {"visual_prompt"}  # vision-only methods run on the tiny ViT, with random images
 
 
 def cases() -> dict[str, list]:
@@ -34,13 +37,15 @@ def main(seed: int, out: Path) -> None:
     losses = {}
     for name, configs in sorted(cases().items()):
         torch.manual_seed(seed)  # the only seed: model init, delta init, data and dropout all follow it
-        model = tiny_bert(seed=seed).train()
+        model = ARCHS["vit"].build().train() if name in VISION else tiny_bert(seed=seed).train()
+        torch.manual_seed(seed)  # the ViT builder seeds itself: the delta init follows ``seed`` again
         delta = dt.attach(model, *configs, train_modules=["classifier"])
         opt = torch.optim.AdamW(delta.parameters().values(), lr=1e-2)
         ids, labels = batch(seed=seed, size=4), torch.randint(0, 2, (4,))
+        inputs = {"pixel_values": torch.randn(4, 3, 16, 16)} if name in VISION else {"input_ids": ids}
         losses[name] = []
         for _ in range(4):
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = model(**inputs, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
