@@ -34,6 +34,7 @@ from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
 from .core.version import VERSION as __version__
 from .inspect import inspect
+from .interop.gguf import export_gguf
 from .interop.merged import merge_and_save  # api.merge_and_save plus dtype= and quantized bases
 from .interop.peft import export_peft, import_peft
 from .methods.adapter import Adapter
@@ -56,6 +57,7 @@ __all__ = [
     "__version__",
     # verbs
     "attach", "detach", "load", "merge_and_save", "recipe", "inspect", "export_peft", "import_peft",
+    "export_gguf",
     # named deltas, routing, algebra (compose/)
     "activate", "active", "deactivate", "deltas", "route", "save_all", "load_all", "combine", "extract_lora",
     "attach_router", "load_router", "Router",
