@@ -37,6 +37,7 @@ from .inspect import inspect
 from .interop.gguf import export_gguf
 from .interop.merged import merge_and_save  # api.merge_and_save plus dtype= and quantized bases
 from .interop.peft import export_peft, import_peft
+from .interop.vllm import check_vllm, export_vllm
 from .methods.adapter import Adapter
 from .methods.bitfit import BitFit
 from .methods.gates import Gates
@@ -57,7 +58,7 @@ __all__ = [
     "__version__",
     # verbs
     "attach", "detach", "load", "merge_and_save", "recipe", "inspect", "export_peft", "import_peft",
-    "export_gguf",
+    "export_gguf", "export_vllm", "check_vllm",
     # named deltas, routing, algebra (compose/)
     "activate", "active", "deactivate", "deltas", "route", "save_all", "load_all", "combine", "extract_lora",
     "attach_router", "load_router", "Router",
