@@ -13,6 +13,7 @@ from .core import quiet  # noqa: F401  (first: it quiets optional packages' impo
 from .api import attach, detach, load, recipe
 from .compose.algebra import combine
 from .compose.extract import extract_lora
+from .compose.hotswap import hotswap, prepare_hotswap
 from .compose.named import activate, active, deactivate, deltas, load_all, save_all
 from .compose.presets import MAM, UniPELT
 from .compose.router import Router, attach_router, load_router
@@ -61,7 +62,7 @@ __all__ = [
     "export_gguf", "export_vllm", "check_vllm",
     # named deltas, routing, algebra (compose/)
     "activate", "active", "deactivate", "deltas", "route", "save_all", "load_all", "combine", "extract_lora",
-    "attach_router", "load_router", "Router",
+    "attach_router", "load_router", "Router", "hotswap", "prepare_hotswap",
     # combinations: gates and presets (compose/)
     "Gates", "UniPELT", "MAM",
     # methods
