@@ -78,5 +78,10 @@ bench-serve: install  ## deltatune serve under 8 concurrent clients: mixed-delta
 bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)
 	$(PY) bench/router.py all --examples 2000
 
+.PHONY: bench-gguf
+bench-gguf: install  ## dt.export_gguf vs the real SmolLM2 GGUF and llama.cpp (builds llama-cpp-python: slow; not in CI)
+	$(PY) -m pip install -c constraints.txt "llama-cpp-python>=0.3"
+	$(PY) bench/gguf_export.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -13,6 +13,7 @@ from .core import quiet  # noqa: F401  (first: it quiets optional packages' impo
 from .api import attach, detach, load, recipe
 from .compose.algebra import combine
 from .compose.extract import extract_lora
+from .compose.hotswap import hotswap, prepare_hotswap
 from .compose.named import activate, active, deactivate, deltas, load_all, save_all
 from .compose.presets import MAM, UniPELT
 from .compose.router import Router, attach_router, load_router
@@ -34,8 +35,10 @@ from .core.onednn import enable as enable_onednn
 from .core.recipe import Recipe
 from .core.version import VERSION as __version__
 from .inspect import inspect
+from .interop.gguf import export_gguf
 from .interop.merged import merge_and_save  # api.merge_and_save plus dtype= and quantized bases
 from .interop.peft import export_peft, import_peft
+from .interop.vllm import check_vllm, export_vllm
 from .methods.adapter import Adapter
 from .methods.bitfit import BitFit
 from .methods.gates import Gates
@@ -57,9 +60,10 @@ __all__ = [
     "__version__",
     # verbs
     "attach", "detach", "load", "merge_and_save", "recipe", "inspect", "export_peft", "import_peft",
+    "export_gguf", "export_vllm", "check_vllm",
     # named deltas, routing, algebra (compose/)
     "activate", "active", "deactivate", "deltas", "route", "save_all", "load_all", "combine", "extract_lora",
-    "attach_router", "load_router", "Router",
+    "attach_router", "load_router", "Router", "hotswap", "prepare_hotswap",
     # combinations: gates and presets (compose/)
     "Gates", "UniPELT", "MAM",
     # methods

@@ -224,9 +224,11 @@ def merge(target: Annotated[str, typer.Argument(help="A run dir or a checkpoint 
 @app.command()
 def export(target: Annotated[str, typer.Argument(help="A run dir or a checkpoint directory.")],
            out: Annotated[Path, typer.Argument(help="Where to write the exported adapter.")],
-           format: Annotated[str, typer.Option("--format", "-f", help="Output format: peft.")] = "peft",
+           format: Annotated[str, typer.Option("--format", "-f", help="Output format: peft, vllm (a PEFT "
+                                               "directory vLLM can load) or gguf (a llama.cpp LoRA file).")] = "peft",
            checkpoint: Checkpoint = None, model: ModelPath = None, task: Task = None, debug: Debug = False) -> None:
-    """Export a LoRA delta in another library's format (PEFT: adapter_config.json + adapter_model.safetensors)."""
+    """Export a LoRA delta in another library's format (PEFT / vLLM: adapter_config.json +
+    adapter_model.safetensors; gguf: one llama.cpp adapter file)."""
     with _guard(debug):
         from .train.jobs import export as export_job
         from .train.jobs import locate

@@ -27,8 +27,10 @@ from ..core import onednn
 from ..core.checkpoint import CONFIG_FILE, TENSORS_FILE
 from ..core.errors import CheckpointNotFoundError, ConfigError
 from ..inspect import inspect
+from ..interop.gguf import export_gguf
 from ..interop.merged import merge_and_save
 from ..interop.peft import export_peft
+from ..interop.vllm import export_vllm
 from . import distributed, sharding
 from .batches import Encoded
 from .config import RunConfig, check_paths, dump_yaml, load_config, read_yaml
@@ -293,12 +295,15 @@ def merge(cfg: RunConfig, checkpoint: Path, out: Path, dtype: str | None = None,
     return out
 
 
+EXPORTERS = {"peft": export_peft, "vllm": export_vllm, "gguf": export_gguf}
+
+
 def export(cfg: RunConfig, checkpoint: Path, out: Path, fmt: str) -> Path:
-    if fmt != "peft":
-        raise ConfigError(f"export format {fmt!r} is not supported; use --format peft (or `deltatune merge` for a "
-                          f"standalone merged model)")
+    if fmt not in EXPORTERS:
+        raise ConfigError(f"export format {fmt!r} is not supported; use --format {' / '.join(EXPORTERS)} (or "
+                          f"`deltatune merge` for a standalone merged model)")
     _, _, delta = loaded_model(cfg, checkpoint)
-    return export_peft(delta, out)
+    return EXPORTERS[fmt](delta, out)
 
 
 def generate(cfg: RunConfig, checkpoint: Path | None, prompt: str, max_new_tokens: int, temperature: float,

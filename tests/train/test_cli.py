@@ -133,6 +133,13 @@ def test_export_peft_round_trips(run_dir, tiny_bert_dir, tmp_path):
     assert_user_error(invoke("export", run_dir, tmp_path / "x", "--format", "onnx"), "onnx", "--format peft")
 
 
+def test_export_vllm_and_gguf_refuse_what_they_cannot_hold(run_dir, tmp_path):
+    """The tiny BERT run trains its classifier head: vLLM refuses modules_to_save, llama.cpp has no BERT mapping."""
+    assert_user_error(invoke("export", run_dir, tmp_path / "v", "--format", "vllm"), "vLLM", "modules_to_save")
+    assert_user_error(invoke("export", run_dir, tmp_path / "g.gguf", "--format", "gguf"), "'bert'", "llama.cpp")
+    assert not (tmp_path / "v").exists() and not (tmp_path / "g.gguf").exists()
+
+
 def test_inspect_attaches_the_given_methods(tiny_bert_dir):
     result = invoke("inspect", tiny_bert_dir, "--method", "{method: lora, r: 2, targets: [query]}")
     assert result.exit_code == 0, result.stderr
