@@ -67,5 +67,11 @@ bench-defaults: install  ## every method's defaults vs full fine-tuning on the e
 bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)
 	$(PY) bench/router.py all --examples 2000
 
+.PHONY: bench-dpo
+bench-dpo: install  ## task: dpo vs TRL DPOTrainer + PEFT LoRA on SmolLM2: peak RSS, step time, held-out accuracy (issue 25; ~40 min)
+	$(PY) bench/preference.py pair --rounds 2 --steps 4 --warmup 1 --out bench/results/preference.jsonl
+	$(PY) bench/preference.py accuracy --out bench/results/preference_accuracy.jsonl
+	$(PY) bench/preference.py table --out bench/results/preference.jsonl
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
