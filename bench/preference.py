@@ -115,6 +115,9 @@ def run_trl(steps: int, warmup: int) -> tuple[list[float], list[float], float, f
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(smollm_dir(), gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(smollm_dir(), gguf_file=GGUF, dtype=torch.float32)
+    # transformers 5.25 keeps a GGUF-loaded model flagged as quantized though its weights are dequantised float32,
+    # and the Trainer then refuses it ("GGUF ... do not support training"); drop the flag (the weights are as loaded)
+    model.hf_quantizer.remove_quantization_config(model)
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), max_steps=warmup + steps,
                      per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="constant",
                      weight_decay=0.0, max_length=LENGTH, beta=0.1, bf16=False, fp16=False, use_cpu=True,

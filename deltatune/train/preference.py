@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from typing import Any
 
 import torch
@@ -36,7 +35,6 @@ from .batches import IGNORE, Encoded, collate, eval_batches
 from .config import PREFERENCE_BETA, RunConfig, TrainConfig
 from .data import DataError, data_format, read_records
 
-log = logging.getLogger(__name__)
 FIELDS = ("prompt", "chosen", "rejected")
 LOSSES = ("dpo", "simpo")
 
