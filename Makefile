@@ -83,5 +83,11 @@ bench-gguf: install  ## dt.export_gguf vs the real SmolLM2 GGUF and llama.cpp (b
 	$(PY) -m pip install -c constraints.txt "llama-cpp-python>=0.3"
 	$(PY) bench/gguf_export.py
 
+.PHONY: bench-dpo
+bench-dpo: install  ## task: dpo vs TRL DPOTrainer + PEFT LoRA on SmolLM2: peak RSS, step time, held-out accuracy (issue 25; ~40 min)
+	$(PY) bench/preference.py pair --rounds 2 --steps 4 --warmup 1 --out bench/results/preference.jsonl
+	$(PY) bench/preference.py accuracy --out bench/results/preference_accuracy.jsonl
+	$(PY) bench/preference.py table --out bench/results/preference.jsonl
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -38,9 +38,11 @@ from ..core.registry import config_classes
 from .quantization import QuantizationConfig, require_backend
 from .trackers import TRACKERS, require_tracker
 
-Task = Literal["classification", "causal_lm", "instruction"]
+Task = Literal["classification", "causal_lm", "instruction", "dpo"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc", "loss")
 LM_METRICS = ("perplexity", "loss")
+PREFERENCE_METRICS = ("loss", "reward_accuracy", "reward_margin")  # task dpo (train/preference.py)
+PREFERENCE_BETA = {"dpo": 0.1, "simpo": 2.0}  # the papers' usual values; beta means different things in each
 DEFAULT_DELTA: list[dict[str, Any]] = [{"method": "lora", "r": 8, "alpha": 16}]
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -114,6 +116,10 @@ class TrainConfig(Section):
     #                                        CPU: LoRA steps 0.93-0.98x, compiled decoder 0.92-0.97x (BENCHMARKS)
     fused_loss: bool = False               # causal_lm / instruction: output layer + cross-entropy fused in chunks
     #                                        (core/lm_loss.py): no full logits tensor, no product for -100 tokens
+    preference_loss: Literal["dpo", "simpo"] = "dpo"  # task dpo: DPO against the base model (delta off), or
+    #                                        SimPO: reference-free, length-normalised, one forward less per step
+    beta: PositiveFloat | None = None      # task dpo: reward scale; None: 0.1 for dpo, 2.0 for simpo
+    simpo_gamma: NonNegativeFloat = 1.0    # simpo's target reward margin (gamma / beta = 0.5, as its paper advises)
     eval_every: int | str = "epoch"        # "epoch", "never" or a number of steps
     save_every: PositiveInt | None = 100   # training-state checkpoint interval in steps (also at each epoch end)
     log_every: PositiveInt = 10
@@ -354,7 +360,7 @@ def check_methods(cfg: RunConfig) -> None:
     if cfg.train.fused_loss and cfg.task == "classification":
         raise ConfigError("train.fused_loss fuses a language model's output layer with its loss; task "
                           "classification has no such layer: set it to false")
-    allowed = CLASSIFICATION_METRICS if cfg.task == "classification" else LM_METRICS
+    allowed = {"classification": CLASSIFICATION_METRICS, "dpo": PREFERENCE_METRICS}.get(cfg.task, LM_METRICS)
     if cfg.train.metric is not None and cfg.train.metric not in allowed:
         raise ConfigError(f"train.metric must be one of {', '.join(allowed)} for task {cfg.task}, "
                           f"got {cfg.train.metric!r}")
@@ -387,7 +393,9 @@ def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
         cfg.model.path = default_model_path()
     cfg.run_name = cfg.run_name or stem
     cfg.output_dir = cfg.output_dir or str(Path("runs") / cfg.run_name)
-    cfg.train.metric = cfg.train.metric or ("accuracy" if cfg.task == "classification" else "perplexity")
+    cfg.train.metric = cfg.train.metric or {"classification": "accuracy", "dpo": "loss"}.get(cfg.task, "perplexity")
+    if cfg.task == "dpo" and cfg.train.beta is None:
+        cfg.train.beta = PREFERENCE_BETA[cfg.train.preference_loss]
     split_global_batch(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))
     fill_from_recipe(cfg.train, recipe_for(cfg.delta_configs()))
     cfg.set_delta_configs(cfg.delta_configs())  # every field spelled out, defaults included

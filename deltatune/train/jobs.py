@@ -37,6 +37,7 @@ from .config import RunConfig, check_paths, dump_yaml, load_config, read_yaml
 from .data import alpaca_prompt, load_split
 from .loop import Loop, MetricsLog, Session, autocast_dtype, evaluate, seed_everything
 from .models import check_vocab, guess_task, load_model, load_tokenizer, run_dir_of, train_module_names
+from .preference import PreferenceObjective, load_pairs
 from .report import write_report
 from .threads import ThreadGovernor
 
@@ -97,8 +98,12 @@ def load_data(cfg: RunConfig, info: distributed.Dist) -> tuple[Any, Encoded, Enc
     """Tokenizer and tokenised splits (rank 0 first, so it fills the cache the others then read)."""
     tokenizer = load_tokenizer(cfg.model)
     with distributed.main_first(info):
-        train_set = load_split(cfg, tokenizer, "train")
-        eval_set = load_split(cfg, tokenizer, "validation", train_set.label_names) if cfg.data.validation else None
+        if cfg.task == "dpo":  # preference pairs: every record checked here, before the model loads
+            train_set = load_pairs(cfg, tokenizer, "train")
+            eval_set = load_pairs(cfg, tokenizer, "validation") if cfg.data.validation else None
+        else:
+            train_set = load_split(cfg, tokenizer, "train")
+            eval_set = load_split(cfg, tokenizer, "validation", train_set.label_names) if cfg.data.validation else None
     log.info("data: %d training examples, %s evaluation examples", len(train_set),
              len(eval_set) if eval_set is not None else "no")
     return tokenizer, train_set, eval_set
@@ -181,7 +186,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
         check_vocab(model, cfg.model.tokenizer or cfg.model.path, tokenizer.pad_token_id, train_set, eval_set)
         if threads is not None:
             threads.decide()  # measured over the start-up just done: what other processes use now
-        loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info, threads))
+        objective = PreferenceObjective.from_config(model, cfg.train) if cfg.task == "dpo" else None
+        loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info,
+                            threads=threads, objective=objective))
         with distributed.peers_watched(info, run_dir), loop.trackers.closed_on_failure():
             loop.start(resume)
             progress = loop.run()
@@ -263,10 +270,15 @@ def run_eval(cfg: RunConfig, checkpoint: Path | None) -> dict[str, float]:
     info = distributed.setup(cfg.train.device)
     try:
         tokenizer, model, _ = loaded_model(cfg, checkpoint, str(info.device))
+        started = time.perf_counter()
+        if cfg.task == "dpo":
+            found = PreferenceObjective.from_config(model, cfg.train).evaluate(
+                load_pairs(cfg, tokenizer, "validation"), tokenizer.pad_token_id, cfg.train.eval_batch_size, info,
+                autocast_dtype(cfg.train.precision, info.device))
+            return {**found, "seconds": round(time.perf_counter() - started, 2)}
         data = load_split(cfg, tokenizer, "validation", cfg.data.labels)
         drop_unused_inputs(model, data)
         kwargs = {} if cfg.task == "classification" else {"use_cache": False}
-        started = time.perf_counter()
         found = evaluate(model, data, tokenizer.pad_token_id, cfg.train.eval_batch_size, info,
                          autocast_dtype(cfg.train.precision, info.device), kwargs)
         return {**found, "examples": len(data), "seconds": round(time.perf_counter() - started, 2)}

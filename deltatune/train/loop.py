@@ -35,6 +35,7 @@ from . import distributed, sharding
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
 from .metrics import classification_metrics, is_better, perplexity
+from .preference import PreferenceObjective
 from .quantization import adamw_8bit
 from .state import Progress, load_state, rng_state, save_state, set_rng_state
 from .threads import ThreadGovernor
@@ -60,6 +61,7 @@ class Session:
     run_dir: Path
     dist: distributed.Dist
     threads: ThreadGovernor | None = None  # re-decides the CPU thread count between steps
+    objective: PreferenceObjective | None = None  # task dpo: its own batches, loss and evaluation
 
 
 def seed_everything(seed: int) -> None:
@@ -317,7 +319,9 @@ class Loop:
         for indices in group:
             batch = self._device_batch(self.s.train_set, indices)
             with self._autocast():
-                if self.lm_loss is not None:
+                if self.s.objective is not None:
+                    loss = self.s.objective.loss(batch, self.forward, self.lm_loss) / len(group)
+                elif self.lm_loss is not None:
                     loss = self.lm_loss(batch) / len(group)
                 else:
                     loss = self.forward(**batch, **self.forward_kwargs).loss / len(group)
@@ -352,6 +356,9 @@ class Loop:
 
     # -- evaluation ------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        if self.s.objective is not None:
+            return self.s.objective.evaluate(self.s.eval_set, self.s.pad_id, self.t.eval_batch_size, self.dist,
+                                             self.dtype, self.lm_loss)
         return evaluate(self.model, self.s.eval_set, self.s.pad_id, self.t.eval_batch_size, self.dist, self.dtype,
                         self.forward_kwargs, self.lm_loss)
 
@@ -397,7 +404,8 @@ class Loop:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _device_batch(self, data: Encoded, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.dist.device, non_blocking=True) for k, v in collate(data, indices, self.s.pad_id).items()}
+        batch = (self.s.objective.collate if self.s.objective is not None else collate)(data, indices, self.s.pad_id)
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def _autocast(self):
         return torch.autocast(self.dist.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
@@ -433,6 +441,8 @@ class Loop:
         rates = {g["name"]: rate for g, rate in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(),
                                                      strict=True)}
         record.update({f"{name}_lr": rates[name] for name in ("head", "lora_B") if name in rates})
+        if self.s.objective is not None:
+            record.update(self.s.objective.train_metrics())
         if self.metrics is not None:
             self.metrics.write(record)
         if bar.disable and (p.step % max(1, self.total // 10) < self.t.log_every or p.step == self.total):
