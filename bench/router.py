@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("DELTATUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))  # env: from a worktree
 RESULTS = ROOT / "bench" / "results" / "router.json"
 TASKS = {"sst2": ("sst2/train.tsv", "sst2/dev.tsv", "accuracy"), "mrpc": ("mrpc/train.tsv", "mrpc/test.tsv", "f1"),
          "cola": ("cola/train.tsv", "cola/dev.tsv", "mcc")}
