@@ -32,6 +32,9 @@ _HARD: dict[int, tuple[weakref.ref, tuple[bool, ...]]] = {}
 # the last grouping computed, for the masks (compared by identity) of the chain that asked: every layer of one
 # routed forward asks with the same masks, so it is computed once per routing, not once per layer
 _LAST: list = [(), None]
+# the last input split into its groups' rows: query, key and value projections read one tensor, so it is
+# gathered once for the three. The input is held weakly, and freeing it drops its parts.
+_GATHERED: list = [lambda: None, None, None]
 
 
 def hard_mask(selected: Sequence[bool], device: torch.device) -> torch.Tensor:
@@ -112,10 +115,24 @@ def routed_forward(outer: DeltaWrapper, x: torch.Tensor) -> torch.Tensor | None:
     if len(groups) == 1:
         return linear_forward(layer, x, _folded(weight, [on[k] for k in groups[0][0]]), bias)
     out = x.new_empty(*x.shape[:-1], features(layer)[1])
-    for key, rows in groups:
-        part = linear_forward(layer, x.index_select(0, rows), _folded(weight, [on[k] for k in key]), bias)
-        out.index_copy_(0, rows, part)
+    for (key, rows), part in zip(groups, _gathered(x, groups), strict=True):
+        out.index_copy_(0, rows, linear_forward(layer, part, _folded(weight, [on[k] for k in key]), bias))
     return out
+
+
+def _gathered(x: torch.Tensor, groups: list) -> list[torch.Tensor]:
+    """Each group's rows of ``x`` (copies), reused while the next layer reads the same tensor."""
+    last_x, last_groups, parts = _GATHERED
+    if last_x() is x and last_groups is groups and x._version == parts[0]:  # unchanged since (in-place ops)
+        return parts[1]
+    gathered = [x.index_select(0, rows) for _, rows in groups]
+    _GATHERED[:] = [weakref.ref(x, _drop_gathered), groups, (x._version, gathered)]
+    return gathered
+
+
+def _drop_gathered(ref: weakref.ref) -> None:
+    if _GATHERED[0] is ref:
+        _GATHERED[:] = [lambda: None, None, None]
 
 
 def _folded(weight: torch.Tensor, wrappers: list[DeltaWrapper]) -> torch.Tensor:

@@ -140,3 +140,12 @@ def test_hard_masks_are_known_by_identity_and_forgotten_when_freed():
     del mask
     gc.collect()
     assert key not in routed_fold._HARD
+
+
+def test_no_gathered_rows_outlive_the_forward(fold_calls):
+    """Layers reading one input (query, key, value) share its gathered rows; they go with the input."""
+    model = lora_deltas("llama")
+    routed(model, ROUTES, input_ids=IDS)
+    assert all(fold_calls)
+    gc.collect()
+    assert routed_fold._GATHERED[0]() is None and routed_fold._GATHERED[2] is None
