@@ -78,12 +78,17 @@ def route(out: Path, samples: int, hidden: int | None, features: str = "embeddin
     cfg = RouterRunConfig.model_validate({
         "router": {"runs": {t: str(out / t) for t in TASKS}, "samples_per_run": samples, "mode": "hard",
                    "hidden": hidden, "features": features},
-        "train": {"num_threads": 1}, "output_dir": str(out / "router"), "run_name": "router"})
+        "train": {"num_threads": 1}, "output_dir": str(router_dir(out, features)), "run_name": "router"})
     summary = train_router(cfg, overwrite=True)
-    return summary, evaluate_router_run(out / "router")
+    return summary, evaluate_router_run(router_dir(out, features))
 
 
-def latency(out: Path, rounds: int, batch_size: int) -> dict[str, Any]:
+def router_dir(out: Path, features: str) -> Path:
+    """One router run per feature kind, so that latency can time either."""
+    return out / ("router" if features == "embeddings" else f"router_{features}")
+
+
+def latency(out: Path, rounds: int, batch_size: int, features: str = "embeddings") -> dict[str, Any]:
     """Seconds per forward of one mixed batch, paired rounds (each round times every variant, order rotating):
     the router on (it reads its features and routes), dt.route with the routes given, and the peers: the same
     model with only one delta on (``dt.active``), and a second copy of the base model with that one LoRA
@@ -92,17 +97,18 @@ def latency(out: Path, rounds: int, batch_size: int) -> dict[str, Any]:
     from deltatune.train.models import load_model, load_tokenizer
     from deltatune.train.router_job import _forward_kwargs, batches_of, check_runs, load_router_config, task_data
 
-    cfg = load_router_config(out / "router" / "config.yaml")
+    run = router_dir(out, features)
+    cfg = load_router_config(run / "config.yaml")
     configs = check_runs(cfg)
     first = next(iter(configs.values()))
     tokenizer = load_tokenizer(first.model)
     model, _ = load_model(first, first.data.labels, tokenizer.pad_token_id)
     model.eval()
-    dt.load_all(model, out / "router" / "deltas")
-    router = dt.load_router(model, out / "router" / "router", enable=False)
+    dt.load_all(model, run / "deltas")
+    router = dt.load_router(model, run / "router", enable=False)
     alone, _ = load_model(first, first.data.labels, tokenizer.pad_token_id)
     alone.eval()
-    dt.load(alone, out / "router" / "deltas" / "sst2", name="sst2")
+    dt.load(alone, run / "deltas" / "sst2", name="sst2")
     _, sets = task_data(configs, tokenizer, None)
     batch = _forward_kwargs(model, batches_of(sets, batch_size, tokenizer.pad_token_id, seed=1)[0])
 
@@ -235,7 +241,7 @@ def main() -> None:
                                     for t, s in train_tasks(args.examples, args.out, args.eval_examples).items()}},
         "route": lambda: dict(zip(("router", "eval"),
                                   route(args.out, args.samples_per_run, args.hidden, args.features), strict=True)),
-        "latency": lambda: {"latency": latency(args.out, args.rounds, args.batch_size)},
+        "latency": lambda: {"latency": latency(args.out, args.rounds, args.batch_size, args.features)},
         "union": lambda: {"union": union_baseline(args.examples, args.out, args.eval_examples)},
     }
     for name, step in steps.items():
