@@ -105,6 +105,7 @@ class Router:
             body = _body(model)
             width = getattr(getattr(model, "config", None), "hidden_size", width)
             self._body_inputs = set(inspect.signature(body.forward).parameters) & set(BODY_INPUTS)
+        self.fit_accuracy: float | None = None  # share of its training samples routed right, set by fit
         self._reading = False  # True while the hidden features run the body (a bare body is the model itself)
         layers = [nn.Linear(width, len(names))] if not hidden else [
             nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, len(names))]
@@ -216,6 +217,8 @@ class Router:
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
+        with torch.no_grad():  # on the features already read: the hidden ones cost a forward pass each
+            self.fit_accuracy = float((self.classifier(x).argmax(-1) == targets).float().mean())
         return losses
 
     def accuracy(self, batches: Iterable[dict[str, Any]]) -> float:

@@ -266,7 +266,7 @@ def train_router(cfg: RouterRunConfig, overwrite: bool = False) -> dict[str, Any
         "run_dir": str(run_dir), "model": next(iter(configs.values())).model.path, "mode": cfg.router.mode,
         "deltas": {name: str(Path(c.output_dir) / "best") for name, c in configs.items()},
         "train_samples": {name: len(d) for name, d in train_sets.items()}, "fit_seconds": round(seconds, 2),
-        "router_train_accuracy": router.accuracy(batches_of(train_sets, size, tokenizer.pad_token_id)),
+        "router_train_accuracy": router.fit_accuracy,
         "router_accuracy": {name: router.accuracy(batches_of({name: d}, size, tokenizer.pad_token_id))
                             for name, d in eval_sets.items()},
     }

@@ -37,8 +37,10 @@ def with_deltas(build=tiny_bert, b=lambda: dt.LoRA(r=4)):
 
 def trained(model, **kwargs):
     router = dt.attach_router(model, ["a", "b"], **kwargs)
-    losses = router.fit([domain_batch("a", 32, 1), domain_batch("b", 32, 2)])
+    data = [domain_batch("a", 32, 1), domain_batch("b", 32, 2)]
+    losses = router.fit(data)
     assert losses[-1] < 0.1 * losses[0]
+    assert router.fit_accuracy == router.accuracy(data)  # kept by fit, from the features it already read
     return router
 
 
