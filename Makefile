@@ -64,8 +64,10 @@ bench-defaults: install  ## every method's defaults vs full fine-tuning on the e
 	$(PY) bench/quality.py table --tasks all --recipes defaults
 
 .PHONY: bench-router
-bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)
+bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~45 min)
 	$(PY) bench/router.py all --examples 2000
+	$(PY) bench/router.py route --features hidden --results bench/results/router_hidden.json
+	$(PY) bench/router.py latency --features hidden --results bench/results/router_hidden.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
