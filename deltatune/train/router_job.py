@@ -340,6 +340,7 @@ def _row(name: str, run_cfg: RunConfig, data: Encoded, oracle: torch.Tensor, rou
     return {"task": name, "metric": metric, "examples": len(data),
             "oracle": scores["oracle"][metric], "routed": scores["routed"][metric],
             "router_accuracy": float((chosen == router.names.index(name)).float().mean()),
+            "routed_to": {other: float((chosen == k).float().mean()) for k, other in enumerate(router.names)},
             "same_prediction": float((oracle == routed).float().mean()),
             "all_metrics": scores}  # a headline metric can hide a change (MCC 0 for any constant answer)
 

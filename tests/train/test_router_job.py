@@ -107,7 +107,7 @@ def test_train_and_eval_from_yaml_route_every_sample_like_its_oracle(two_runs, t
     assert "| plain | accuracy | 40 |" in result.stdout
     rows = {r["task"]: r for r in json.loads((out / "eval.json").read_text())["tasks"]}
     for task, row in rows.items():
-        assert row["router_accuracy"] == 1.0
+        assert row["router_accuracy"] == 1.0 and row["routed_to"][task] == 1.0
         assert row["same_prediction"] == 1.0 and row["routed"] == row["oracle"], task  # per sample, exactly
         assert row["oracle"] >= 0.9
 
