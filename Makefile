@@ -75,8 +75,10 @@ bench-serve: install  ## deltatune serve under 8 concurrent clients: mixed-delta
 	$(PY) bench/serve.py load --model smollm2 --rounds 2 --requests 4
 
 .PHONY: bench-router
-bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)
+bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~45 min)
 	$(PY) bench/router.py all --examples 2000
+	$(PY) bench/router.py route --features hidden --results bench/results/router_hidden.json
+	$(PY) bench/router.py latency --features hidden --results bench/results/router_hidden.json
 
 .PHONY: bench-gguf
 bench-gguf: install  ## dt.export_gguf vs the real SmolLM2 GGUF and llama.cpp (builds llama-cpp-python: slow; not in CI)

@@ -18,6 +18,7 @@ Results go to bench/results/router.json; runs to bench-out/router/ (re-running s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("DELTATUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))  # env: from a worktree
 RESULTS = ROOT / "bench" / "results" / "router.json"
 TASKS = {"sst2": ("sst2/train.tsv", "sst2/dev.tsv", "accuracy"), "mrpc": ("mrpc/train.tsv", "mrpc/test.tsv", "f1"),
          "cola": ("cola/train.tsv", "cola/dev.tsv", "mcc")}
@@ -69,58 +70,82 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def route(out: Path, samples: int, hidden: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def route(out: Path, samples: int, hidden: int | None, features: str = "embeddings"
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The router job and its evaluation, as ``deltatune train router.yaml`` / ``deltatune eval`` run them."""
     from deltatune.train.router_job import RouterRunConfig, evaluate_router_run, train_router
 
     cfg = RouterRunConfig.model_validate({
         "router": {"runs": {t: str(out / t) for t in TASKS}, "samples_per_run": samples, "mode": "hard",
-                   "hidden": hidden},
-        "train": {"num_threads": 1}, "output_dir": str(out / "router"), "run_name": "router"})
+                   "hidden": hidden, "features": features},
+        "train": {"num_threads": 1}, "output_dir": str(router_dir(out, features)), "run_name": "router"})
     summary = train_router(cfg, overwrite=True)
-    return summary, evaluate_router_run(out / "router")
+    return summary, evaluate_router_run(router_dir(out, features))
 
 
-def latency(out: Path, rounds: int, batch_size: int) -> dict[str, Any]:
-    """Seconds per forward of one mixed batch: the router on, dt.route with the routes given, one delta alone;
-    paired rounds (each round times all three, order rotating)."""
+def router_dir(out: Path, features: str) -> Path:
+    """One router run per feature kind, so that latency can time either."""
+    return out / ("router" if features == "embeddings" else f"router_{features}")
+
+
+def latency(out: Path, rounds: int, batch_size: int, features: str = "embeddings") -> dict[str, Any]:
+    """Seconds per forward of one mixed batch, paired rounds (each round times every variant, order rotating):
+    the router on (it reads its features and routes), dt.route with the routes given, and the peers: the same
+    model with only one delta on (``dt.active``), and a second copy of the base model with that one LoRA
+    attached and nothing else (the "one delta" of issue 24)."""
     import deltatune as dt
     from deltatune.train.models import load_model, load_tokenizer
     from deltatune.train.router_job import _forward_kwargs, batches_of, check_runs, load_router_config, task_data
 
-    cfg = load_router_config(out / "router" / "config.yaml")
+    run = router_dir(out, features)
+    cfg = load_router_config(run / "config.yaml")
     configs = check_runs(cfg)
     first = next(iter(configs.values()))
     tokenizer = load_tokenizer(first.model)
     model, _ = load_model(first, first.data.labels, tokenizer.pad_token_id)
     model.eval()
-    dt.load_all(model, out / "router" / "deltas")
-    router = dt.load_router(model, out / "router" / "router", enable=False)
+    dt.load_all(model, run / "deltas")
+    router = dt.load_router(model, run / "router", enable=False)
+    alone, _ = load_model(first, first.data.labels, tokenizer.pad_token_id)
+    alone.eval()
+    dt.load(alone, run / "deltas" / "sst2", name="sst2")
     _, sets = task_data(configs, tokenizer, None)
     batch = _forward_kwargs(model, batches_of(sets, batch_size, tokenizer.pad_token_id, seed=1)[0])
 
-    def timed(context) -> float:
+    def timed(target, context) -> float:
         with context, torch.no_grad():
             start = time.perf_counter()
-            model(**batch)
+            target(**batch)
             return time.perf_counter() - start
 
-    names = router.predict(batch["input_ids"], batch["attention_mask"])
-    variants = {"routed": lambda: router, "known_routes": lambda: dt.route(model, names),
-                "single": lambda: dt.active(model, "sst2")}
-    for make in variants.values():
-        timed(make())  # warm-up
+    names = router.predict(**batch)
+    variants = {"routed": (model, lambda: router), "known_routes": (model, lambda: dt.route(model, names)),
+                "single": (model, lambda: dt.active(model, "sst2")),
+                "one_attached": (alone, contextlib.nullcontext)}
+    for target, make in variants.values():
+        timed(target, make())  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(rounds):  # paired: every round times all three, in a rotating order
-        order = list(variants)[i % 3:] + list(variants)[:i % 3]
+    loads = []
+    for i in range(rounds):  # paired: every round times all of them, in a rotating order
+        order = list(variants)[i % len(variants):] + list(variants)[:i % len(variants)]
         for name in order:
-            times[name].append(timed(variants[name]()))
-    ratios = sorted(a / b for a, b in zip(times["routed"], times["single"], strict=True))
-    known = sorted(a / b for a, b in zip(times["known_routes"], times["single"], strict=True))
-    return {"batch_size": batch_size, "tokens": int(batch["attention_mask"].sum()), "rounds": rounds,
-            **{f"{name}_ms_median": 1000 * statistics.median(t) for name, t in times.items()},
-            "ratio_median": statistics.median(ratios), "ratio_p10": ratios[len(ratios) // 10],
-            "ratio_p90": ratios[(9 * len(ratios)) // 10], "known_routes_ratio_median": statistics.median(known)}
+            target, make = variants[name]
+            times[name].append(timed(target, make()))
+        loads.append(os.getloadavg()[0])
+
+    def ratios(a: str, b: str) -> list[float]:
+        return sorted(x / y for x, y in zip(times[a], times[b], strict=True))
+
+    result = {"batch_size": batch_size, "padded_length": int(batch["input_ids"].shape[1]),
+              "tokens": int(batch["attention_mask"].sum()), "rounds": rounds, "features": router.features,
+              "load_average": [min(loads), statistics.median(loads), max(loads)],
+              **{f"{name}_ms_median": 1000 * statistics.median(t) for name, t in times.items()}}
+    for a, b in (("routed", "single"), ("routed", "one_attached"), ("known_routes", "single"),
+                 ("single", "one_attached")):
+        found = ratios(a, b)
+        result[f"{a}_over_{b}"] = {"median": statistics.median(found), "p10": found[len(found) // 10],
+                                   "p90": found[(9 * len(found)) // 10]}
+    return result
 
 
 def union_baseline(examples: int, out: Path, eval_examples: int) -> dict[str, Any]:
@@ -183,13 +208,15 @@ def table(results: dict[str, Any]) -> str:
                      f"{row['same_prediction']:.4f} | {_cell(union.get('scores', {}).get(task))} | "
                      f"{_cell(union.get('accuracy', {}).get(task))} |")
     lat = results.get("latency")
-    if lat:
-        lines.append(f"\nrouting cost, batch of {lat['batch_size']} mixed examples ({lat['tokens']} tokens), "
-                     f"{lat['rounds']} paired rounds: routed {lat['routed_ms_median']:.1f} ms vs one delta "
-                     f"{lat['single_ms_median']:.1f} ms; ratio median {lat['ratio_median']:.3f} "
-                     f"(p10 {lat['ratio_p10']:.3f}, p90 {lat['ratio_p90']:.3f})"
-                     + (f"; dt.route with the routes given: {lat['known_routes_ratio_median']:.3f}x"
-                        if "known_routes_ratio_median" in lat else ""))
+    if lat and "routed_over_single" in lat:
+        lines.append(f"\nrouting cost ({lat['features']} features), batch of {lat['batch_size']} mixed examples padded "
+                     f"to {lat['padded_length']} ({lat['tokens']} tokens), {lat['rounds']} paired rounds, load "
+                     f"{lat['load_average']}: routed {lat['routed_ms_median']:.1f} ms, one delta on "
+                     f"{lat['single_ms_median']:.1f} ms, one LoRA attached {lat['one_attached_ms_median']:.1f} ms")
+        for key in ("routed_over_single", "routed_over_one_attached", "known_routes_over_single",
+                    "single_over_one_attached"):
+            r = lat[key]
+            lines.append(f"- {key}: median {r['median']:.3f} (p10 {r['p10']:.3f}, p90 {r['p90']:.3f})")
     return "\n".join(lines)
 
 
@@ -203,6 +230,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--samples-per-run", type=int, default=1000, help="router.samples_per_run")
     parser.add_argument("--hidden", type=int, default=None, help="router.hidden")
+    parser.add_argument("--features", default="embeddings", help="router.features: embeddings or hidden")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -211,8 +239,9 @@ def main() -> None:
     steps = {
         "tasks": lambda: {"tasks": {t: {k: s[k] for k in ("best_metric", "steps", "train_time_s", "methods")}
                                     for t, s in train_tasks(args.examples, args.out, args.eval_examples).items()}},
-        "route": lambda: dict(zip(("router", "eval"), route(args.out, args.samples_per_run, args.hidden), strict=True)),
-        "latency": lambda: {"latency": latency(args.out, args.rounds, args.batch_size)},
+        "route": lambda: dict(zip(("router", "eval"),
+                                  route(args.out, args.samples_per_run, args.hidden, args.features), strict=True)),
+        "latency": lambda: {"latency": latency(args.out, args.rounds, args.batch_size, args.features)},
         "union": lambda: {"union": union_baseline(args.examples, args.out, args.eval_examples)},
     }
     for name, step in steps.items():

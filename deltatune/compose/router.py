@@ -1,8 +1,13 @@
 """A learned router over named deltas: the model chooses each sample's delta from its input.
 
 ``router = dt.attach_router(model, ["sst2", "mrpc", "cola"])`` puts a small classifier in front of the model.
-On every forward call it reads features of the input from the frozen model (the attention-masked mean of the
-base input embeddings: one lookup, no extra forward pass) and
+On every forward call it reads features of the input from the frozen model (``features``):
+- ``"embeddings"`` (default): the attention-masked mean of the base input embeddings: one lookup, no extra
+  forward pass, so routing costs little more than one delta; tells apart inputs that differ in their words;
+- ``"hidden"``: the attention-masked mean of the frozen base model's last hidden states (every delta off): one
+  more forward pass of the model's body per call (about twice one delta's latency), for inputs whose words
+  alone do not say which delta they need (BENCHMARKS.md, "Learned routing": accuracy against cost);
+and
 - ``mode="hard"`` (default): picks one delta per sample and routes the batch with ``dt.route``, so each sample
   gets exactly what its delta gives alone; works for every routable method, prefix and prompt tuning included;
 - ``mode="soft"``: mixes the deltas, sample i computing base + sum_k w_ik delta_k with w_i = softmax(router), a
@@ -38,6 +43,10 @@ from .named import check_switchable, get_delta, restore, snapshot
 from .routing import check_routable, route
 
 MODES = ("hard", "soft")
+FEATURES = ("embeddings", "hidden")
+# what each feature kind is called in router.json (format 1 wrote the first one before ``features`` existed)
+FEATURE_NAMES = {"embeddings": "mean input embedding", "hidden": "mean last hidden state of the base model"}
+BODY_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "inputs_embeds")
 CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 FORMAT_VERSION = 1
 
@@ -52,9 +61,20 @@ def _embedding_layer(model: nn.Module) -> nn.Embedding:
     return layer
 
 
-def _check_deltas(model: nn.Module, names: Sequence[str], mode: str) -> list[Delta]:
+def _body(model: nn.Module) -> nn.Module:
+    """The model without its task head (transformers' ``base_model``), whose output the ``hidden`` features pool."""
+    body = getattr(model, "base_model", None)
+    if not isinstance(body, nn.Module):
+        raise StateError(f"router features='hidden' read the last hidden states of the model's body, but "
+                         f"{type(model).__name__} has no base_model; use features='embeddings'")
+    return body
+
+
+def _check_deltas(model: nn.Module, names: Sequence[str], mode: str, features: str = "embeddings") -> list[Delta]:
     if mode not in MODES:
         raise ConfigError(f"router mode must be one of {MODES}, got {mode!r}")
+    if features not in FEATURES:
+        raise ConfigError(f"router features must be one of {FEATURES}, got {features!r}")
     if isinstance(names, str) or len(names) < 2 or len(set(names)) != len(names):
         raise ConfigError(f"a router chooses among at least two distinct named deltas, got {names!r}")
     deltas = [get_delta(model, n) for n in names]
@@ -75,11 +95,18 @@ def _check_deltas(model: nn.Module, names: Sequence[str], mode: str) -> list[Del
 class Router:
     """Chooses, for every sample of every forward call, which named delta (hard) or what mix (soft) runs."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], mode: str = "hard", hidden: int | None = None) -> None:
-        _check_deltas(model, names, mode)
-        self.model, self.names, self.mode, self.hidden = model, list(names), mode, hidden
+    def __init__(self, model: nn.Module, names: Sequence[str], mode: str = "hard", hidden: int | None = None,
+                 features: str = "embeddings") -> None:
+        _check_deltas(model, names, mode, features)
+        self.model, self.names, self.mode, self.hidden, self.features = model, list(names), mode, hidden, features
         embeddings = _embedding_layer(model)
         width = embeddings.embedding_dim
+        if features == "hidden":
+            body = _body(model)
+            width = getattr(getattr(model, "config", None), "hidden_size", width)
+            self._body_inputs = set(inspect.signature(body.forward).parameters) & set(BODY_INPUTS)
+        self.fit_accuracy: float | None = None  # share of its training samples routed right, set by fit
+        self._reading = False  # True while the hidden features run the body (a bare body is the model itself)
         layers = [nn.Linear(width, len(names))] if not hidden else [
             nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, len(names))]
         self.classifier = nn.Sequential(*layers).to(embeddings.weight.device)
@@ -98,23 +125,50 @@ class Router:
 
     @torch.no_grad()
     def _raw_features(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                      inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        embeds = inputs_embeds if inputs_embeds is not None else _embedding_layer(self.model)(input_ids)
-        mask = torch.ones(embeds.shape[:2], device=embeds.device) if attention_mask is None else attention_mask
+                      inputs_embeds: torch.Tensor | None, **inputs: Any) -> torch.Tensor:
+        if self.features == "hidden":
+            states = self._last_hidden(input_ids=input_ids, attention_mask=attention_mask,
+                                       inputs_embeds=inputs_embeds, **inputs)
+        else:
+            states = inputs_embeds if inputs_embeds is not None else _embedding_layer(self.model)(input_ids)
+        mask = torch.ones(states.shape[:2], device=states.device) if attention_mask is None else attention_mask
         mask = mask.to(torch.float32).unsqueeze(-1)
-        return (embeds.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return (states.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def _last_hidden(self, **inputs: Any) -> torch.Tensor:
+        """The frozen model's last hidden states: its body run with every delta off, the state put back after."""
+        kwargs = {k: v for k, v in inputs.items() if k in self._body_inputs and v is not None}
+        state = snapshot(self.model)
+        self._reading = True
+        try:
+            for delta in deltas_of(self.model).values():
+                delta.set_active(False)
+                for module in delta.modules():
+                    module.sample_scale = None
+            out = _body(self.model)(**kwargs)
+        finally:
+            self._reading = False
+            restore(state)
+        return out[0]
 
     def logits(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, len(names)) scores from the input's features."""
-        features = self._raw_features(input_ids, attention_mask, inputs_embeds)
+               inputs_embeds: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
+        """(batch, len(names)) scores from the input's features (``inputs``: e.g. token_type_ids, which the
+        hidden features pass to the model)."""
+        features = self._raw_features(input_ids, attention_mask, inputs_embeds, **inputs)
         return self.classifier((features - self.mean) / self.std)
 
     def predict(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> list[str]:
+                inputs_embeds: torch.Tensor | None = None, **inputs: Any) -> list[str]:
         """The delta name each sample would be routed to (hard choice)."""
         with torch.no_grad():
-            return [self.names[i] for i in self.logits(input_ids, attention_mask, inputs_embeds).argmax(-1).tolist()]
+            scores = self.logits(input_ids, attention_mask, inputs_embeds, **inputs)
+        return [self.names[i] for i in scores.argmax(-1).tolist()]
+
+    @property
+    def last_choice(self) -> list[str] | None:
+        """The delta each sample of the last routed forward call went to (its strongest weight in soft mode)."""
+        return None if self._weights is None else [self.names[i] for i in self._weights.argmax(-1).tolist()]
 
     # -- training ----------------------------------------------------------------------------------------
     def _labelled(self, batches: Iterable[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +178,9 @@ class Router:
             if labels is None:
                 raise ConfigError("router.fit needs batches with a 'route' entry: each sample's delta name "
                                   "(or its index in router.names)")
+            extra = {k: batch[k] for k in BODY_INPUTS[2:3] if k in batch}  # token_type_ids
             features.append(self._raw_features(batch.get("input_ids"), batch.get("attention_mask"),
-                                               batch.get("inputs_embeds")))
+                                               batch.get("inputs_embeds"), **extra))
             targets.append(self._indices(labels))
         if not features:
             raise ConfigError("router.fit got no batches")
@@ -162,6 +217,8 @@ class Router:
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
+        with torch.no_grad():  # on the features already read: the hidden ones cost a forward pass each
+            self.fit_accuracy = float((self.classifier(x).argmax(-1) == targets).float().mean())
         return losses
 
     def accuracy(self, batches: Iterable[dict[str, Any]]) -> float:
@@ -176,9 +233,13 @@ class Router:
         return {**dict(zip(self._positional[:len(args)], args, strict=False)), **kwargs}
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._reading:
+            return
         inputs = self._inputs(args, kwargs)
         if cache_length(inputs) == 0 or self._weights is None:  # a new prompt: choose; a cached step: keep
-            logits = self.logits(inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("inputs_embeds"))
+            extra = {k: inputs[k] for k in BODY_INPUTS[2:3] if inputs.get(k) is not None}
+            logits = self.logits(inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("inputs_embeds"),
+                                 **extra)
             self._weights = logits.softmax(-1) if self.mode == "soft" else logits.detach()
         self._states.append(snapshot(self.model))
         if self.mode == "hard":
@@ -191,7 +252,7 @@ class Router:
                 m.sample_scale = self._weights[:, self.names.index(delta.name)] if delta.name in self.names else None
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._states:
+        if self._states and not self._reading:
             restore(self._states.pop())
 
     def enable(self) -> Router:
@@ -225,7 +286,7 @@ class Router:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write router.safetensors + router.json atomically (the deltas are saved with ``dt.save_all``)."""
         meta = {"format_version": FORMAT_VERSION, "names": self.names, "mode": self.mode, "hidden": self.hidden,
-                "features": "mean input embedding", "base_model": fingerprint(self.model)}
+                "features": FEATURE_NAMES[self.features], "base_model": fingerprint(self.model)}
         with atomic_directory(Path(directory)) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, tmp / WEIGHTS_FILE)
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -245,16 +306,18 @@ class Router:
 
 
 def attach_router(model: nn.Module, names: Sequence[str], mode: str = "hard", hidden: int | None = None,
-                  enable: bool = True) -> Router:
+                  enable: bool = True, features: str = "embeddings") -> Router:
     """Put a learned router over the named deltas ``names`` in front of ``model`` (train it with ``fit``).
 
     ``hidden``: None for a linear router on the features, or the width of one hidden layer.
+    ``features``: "embeddings" (mean input embedding, cheap) or "hidden" (mean last hidden state of the frozen
+    model: one more forward of its body per call, more accurate; see the module docstring).
     Raises StateError for a name that is not attached, deltas of another base model, a method that cannot be
     routed per sample (BitFit), or soft mode over prefix / prompt deltas; ConfigError for fewer than 2 names.
     """
     if "_deltatune_router" in model.__dict__:
         raise StateError("this model already has a router; call router.detach() before attaching another")
-    router = Router(model, names, mode, hidden)
+    router = Router(model, names, mode, hidden, features)
     model.__dict__["_deltatune_router"] = router
     return router.enable() if enable else router
 
@@ -268,13 +331,14 @@ def load_router(model: nn.Module, directory: str | os.PathLike, enable: bool = T
     try:
         meta = json.loads(path.read_text())
         names, mode, hidden = list(meta["names"]), meta["mode"], meta.get("hidden")
+        features = {v: k for k, v in FEATURE_NAMES.items()}[meta.get("features", FEATURE_NAMES["embeddings"])]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid router description ({e})") from e
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer deltatune (router format "
                               f"{meta['format_version']}); upgrade deltatune to load it")
     check_fingerprint(meta.get("base_model", {}), model, directory)
-    router = attach_router(model, names, mode, hidden, enable=False)
+    router = attach_router(model, names, mode, hidden, enable=False, features=features)
     try:
         router.load_state_dict(load_safetensors(directory / WEIGHTS_FILE), directory)
     except BaseException:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.delta import Delta, deltas_of
 from ..core.errors import StateError
+from ..core.routed_fold import hard_mask
 from .named import check_switchable, get_delta, restore, snapshot, warn_shared_state
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Routing:
         delta.set_active(delta in used)
         mask = None
         if delta in used:
-            mask = torch.tensor([n == delta.name for n in names], dtype=torch.float32, device=_device(delta))
+            mask = hard_mask([n == delta.name for n in names], _device(delta))  # core.routed_fold: why hard
             warn_shared_state(delta)
         for module in delta.modules():
             module.sample_scale = mask

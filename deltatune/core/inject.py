@@ -157,6 +157,15 @@ class DeltaWrapper(DeltaModule):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is not mergeable")
 
+    def folds_per_sample(self) -> bool:
+        """Whether, right now, this wrapper computes exactly its base layer with weight ``fold_into(W)``, so hard
+        routing at inference may run its samples as one folded product (core.routed_fold). Opt-in: False."""
+        return False
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the base layer's layout) plus this delta, as a new tensor."""
+        return weight + self.delta_weight().to(weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into the base weight: W <- W + delta_weight()."""

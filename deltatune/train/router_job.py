@@ -8,6 +8,8 @@ shared base model, and a router (compose/router.py) learns to tell the runs' inp
       samples_per_run: 1000   # the first N training examples of each run's data.train: the router's data
       mode: hard              # hard: one delta per sample; soft: a softmax mix (LoRA-like, adapters)
       hidden: null            # null: a linear router; N: one hidden layer of width N
+      features: embeddings    # embeddings: mean input embedding (cheap); hidden: the frozen model's mean
+                              # last hidden state (one more forward per call, more accurate)
       epochs: 100             # full-batch steps on the fixed features
       learning_rate: 0.01
     train: {eval_batch_size: 64, num_threads: null}
@@ -60,6 +62,7 @@ class RouterSection(Section):
     samples_per_run: PositiveInt = 1000      # first N training examples per run; more: slower fit, rarely better
     mode: Literal["hard", "soft"] = "hard"   # hard: exact per-sample routing, any routable method; soft: a mix
     hidden: PositiveInt | None = None        # None: linear on the features; N: one hidden layer (non-linear)
+    features: Literal["embeddings", "hidden"] = "embeddings"  # what the router reads: cost vs accuracy
     epochs: PositiveInt = 100                # full-batch optimizer steps on fixed features (cheap)
     learning_rate: PositiveFloat = 0.01
 
@@ -240,7 +243,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def fit_router(cfg: RouterRunConfig, model: nn.Module, train_sets: dict[str, Encoded], pad_id: int) -> Router:
     """Attach a router over the runs' deltas and fit it on their training texts, labelled with the run's name."""
     r = cfg.router
-    router = attach_router(model, list(r.runs), mode=r.mode, hidden=r.hidden)
+    router = attach_router(model, list(r.runs), mode=r.mode, hidden=r.hidden, features=r.features)
     router.fit(batches_of(train_sets, cfg.train.eval_batch_size, pad_id), epochs=r.epochs, lr=r.learning_rate,
                seed=cfg.seed)
     return router
@@ -263,7 +266,7 @@ def train_router(cfg: RouterRunConfig, overwrite: bool = False) -> dict[str, Any
         "run_dir": str(run_dir), "model": next(iter(configs.values())).model.path, "mode": cfg.router.mode,
         "deltas": {name: str(Path(c.output_dir) / "best") for name, c in configs.items()},
         "train_samples": {name: len(d) for name, d in train_sets.items()}, "fit_seconds": round(seconds, 2),
-        "router_train_accuracy": router.accuracy(batches_of(train_sets, size, tokenizer.pad_token_id)),
+        "router_train_accuracy": router.fit_accuracy,
         "router_accuracy": {name: router.accuracy(batches_of({name: d}, size, tokenizer.pad_token_id))
                             for name, d in eval_sets.items()},
     }
@@ -292,8 +295,7 @@ def predictions(model: nn.Module, sets: dict[str, Encoded], batches: list[dict],
     chosen = {name: torch.full((len(d),), -1) for name, d in sets.items()}
     for batch in batches:
         out = model(**_forward_kwargs(model, batch)).logits.argmax(-1)
-        picks = [router.names.index(n) for n in router.predict(batch["input_ids"], batch["attention_mask"])] \
-            if router is not None else [-1] * len(out)
+        picks = [router.names.index(n) for n in router.last_choice] if router is not None else [-1] * len(out)
         for row, (name, i) in enumerate(zip(batch["route"], batch["index"], strict=True)):
             preds[name][i], chosen[name][i] = out[row], picks[row]
     return preds, chosen
@@ -338,6 +340,7 @@ def _row(name: str, run_cfg: RunConfig, data: Encoded, oracle: torch.Tensor, rou
     return {"task": name, "metric": metric, "examples": len(data),
             "oracle": scores["oracle"][metric], "routed": scores["routed"][metric],
             "router_accuracy": float((chosen == router.names.index(name)).float().mean()),
+            "routed_to": {other: float((chosen == k).float().mean()) for k, other in enumerate(router.names)},
             "same_prediction": float((oracle == routed).float().mean()),
             "all_metrics": scores}  # a headline metric can hide a change (MCC 0 for any constant answer)
 

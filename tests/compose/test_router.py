@@ -37,8 +37,10 @@ def with_deltas(build=tiny_bert, b=lambda: dt.LoRA(r=4)):
 
 def trained(model, **kwargs):
     router = dt.attach_router(model, ["a", "b"], **kwargs)
-    losses = router.fit([domain_batch("a", 32, 1), domain_batch("b", 32, 2)])
+    data = [domain_batch("a", 32, 1), domain_batch("b", 32, 2)]
+    losses = router.fit(data)
     assert losses[-1] < 0.1 * losses[0]
+    assert router.fit_accuracy == router.accuracy(data)  # kept by fit, from the features it already read
     return router
 
 
@@ -167,3 +169,33 @@ def test_clear_errors():
     dt.deltas(model)["b"].base_fingerprint = {"shapes_sha256": "other"}  # as loaded with check_base=False
     with pytest.raises(dt.StateError, match=r"deltas \['b'\] were trained on a base model"):
         _check_deltas(model, ["a", "b"], "hard")
+
+
+def test_hidden_features_read_the_frozen_model_and_route_exactly(tmp_path):
+    """features='hidden': the mean of the base model's last hidden states, every delta off while it is read; the
+    model's state (which deltas are on) is what it was after each call; saved and loaded with the router."""
+    model = with_deltas()
+    router = trained(model, features="hidden")
+    ids, names = mixed_inputs()
+    router.disable()
+    with dt.active(model, None), torch.no_grad():
+        expected = model.bert(input_ids=ids).last_hidden_state.mean(1)  # the base model's
+    assert torch.allclose(router._raw_features(ids, None, None), expected, atol=1e-6)
+    router.enable()
+    assert router.predict(ids) == names
+    dt.activate(model, "b")
+    with torch.no_grad():
+        routed = model(input_ids=ids).logits
+    assert router.last_choice == names
+    assert dt.deltas(model)["b"].is_active and not dt.deltas(model)["a"].is_active  # put back
+    for i, name in enumerate(names):
+        with dt.active(model, name), torch.no_grad():
+            assert torch.allclose(routed[i], model(input_ids=ids[i:i + 1]).logits[0], atol=1e-5)
+    dt.save_all(model, tmp_path / "deltas")
+    router.save(tmp_path / "router")
+    fresh = tiny_bert()
+    dt.load_all(fresh, tmp_path / "deltas")
+    loaded = dt.load_router(fresh, tmp_path / "router")
+    assert loaded.features == "hidden" and loaded.predict(ids) == names
+    with pytest.raises(dt.ConfigError, match="features must be one of"):
+        dt.attach_router(tiny_bert(), ["a", "b"], features="pixels")

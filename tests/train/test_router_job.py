@@ -107,7 +107,7 @@ def test_train_and_eval_from_yaml_route_every_sample_like_its_oracle(two_runs, t
     assert "| plain | accuracy | 40 |" in result.stdout
     rows = {r["task"]: r for r in json.loads((out / "eval.json").read_text())["tasks"]}
     for task, row in rows.items():
-        assert row["router_accuracy"] == 1.0
+        assert row["router_accuracy"] == 1.0 and row["routed_to"][task] == 1.0
         assert row["same_prediction"] == 1.0 and row["routed"] == row["oracle"], task  # per sample, exactly
         assert row["oracle"] >= 0.9
 
@@ -142,12 +142,23 @@ def test_soft_mode_from_yaml(two_runs, tmp_path):
     assert all(r["routed"] >= 0.9 for r in rows)  # a confident mix of LoRA deltas is close to the chosen one
 
 
+def test_hidden_features_from_yaml(two_runs, tmp_path):
+    """router.features: hidden reads the frozen model's last hidden states; saved, and read back by eval."""
+    summary = train_router(load_router_config(router_yaml(tmp_path / "h.yaml", two_runs, features="hidden")))
+    assert min(summary["router_accuracy"].values()) == 1.0
+    assert json.loads((tmp_path / "routed" / "router" / "router.json").read_text())["features"].startswith("mean last")
+    rows = evaluate_router_run(tmp_path / "routed")["tasks"]
+    assert all(r["router_accuracy"] == 1.0 and r["routed"] == r["oracle"] for r in rows)
+
+
 # -- errors, before anything is loaded --------------------------------------------------------------------
 
 def test_unknown_key_is_named(two_runs, tmp_path):
     path = router_yaml(tmp_path / "bad.yaml", two_runs, sample_per_run=10)
     with pytest.raises(ConfigError, match=r"unknown key 'router.sample_per_run'.*samples_per_run"):
         load_router_config(path)
+    with pytest.raises(ConfigError, match=r"router.features: .*'embeddings' or 'hidden'"):
+        load_router_config(router_yaml(tmp_path / "bad2.yaml", two_runs, features="pixels"))
 
 
 def test_missing_run_and_run_without_best_are_named(two_runs, tmp_path):

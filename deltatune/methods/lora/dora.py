@@ -69,6 +69,9 @@ class DoRALinear(LoRALinear):
         """The additive change W' - W this DoRA makes (not s B A): what weight arithmetic must see."""
         return self._dora_change()
 
+    def folds_per_sample(self) -> bool:
+        return False  # LoRA's fold (W + s B A) is not DoRA's W'; routed, DoRA keeps the masked path
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_delta and self._may_fuse(x) and not self._dropout_on():
             return self._fused_forward(x)

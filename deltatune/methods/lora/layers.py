@@ -16,6 +16,7 @@ from torch import nn
 from ...core import onednn, quant
 from ...core.inject import DeltaWrapper
 from ...core.merge_on_the_fly import folding_pays, linear_forward
+from ...core.routed_fold import routed_forward
 from .config import LoRA
 from .inits import RESIDUAL_INITS, residual_factors
 
@@ -66,6 +67,10 @@ class LoRALinear(DeltaWrapper):
         weight.sub_((update.T if conv1d else update).to(weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sample_scale is not None:  # hard routing at inference: one folded product per group of samples
+            out = routed_forward(self, x)
+            if out is not None:
+                return out
         if self.residual and not self.merged and (not self.active or self.sample_scale is not None
                                                   or self.gate_scale is not None):
             return self._residual_forward(x)
@@ -129,6 +134,17 @@ class LoRALinear(DeltaWrapper):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
+
+    def folds_per_sample(self) -> bool:
+        """Plain LoRA in eval (no dropout), factors in the layer's dtype: y = x (W + s B A)^T + b exactly. PiSSA /
+        OLoRA keep their own routed path (their base weight holds W - s B0 A0)."""
+        weight = self.base_layer().weight
+        return (not self.residual and not self.merged and not self._dropout_on() and not self.quantized_base
+                and self.lora_A.dtype == self.lora_B.dtype == weight.dtype)
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        # one addmm: W + s B A without a separate delta tensor and scaling pass
+        return torch.addmm(weight, self.lora_B, self.lora_A, alpha=self.scale)
 
     def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """(A, B, r, alpha) of a plain LoRA against the original base weight, for export (PEFT).
@@ -233,6 +249,9 @@ class LoRAConv1D(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight().T
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(weight, self.lora_A.T, self.lora_B.T, alpha=self.scale)  # (in, out) layout
 
 
 class LoRAEmbedding(DeltaWrapper):

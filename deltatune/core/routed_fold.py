@@ -1,0 +1,151 @@
+"""Hard per-sample routing at inference as one folded product per group of samples.
+
+Why: through masks (``DeltaModule.scaled``), a routed linear layer runs its base product, then every routed
+delta's low-rank path over the whole batch, and multiplies all but one of them away per sample: 2.3x the
+latency of one delta on a mixed batch of MiniLM (BENCHMARKS.md, "Learned routing"), because one delta at
+inference folds W + dW into its product (core/merge_on_the_fly.py) and costs what the base costs, while the
+masked paths cost several activation-sized passes each. With hard routing and no autograd, the samples routed
+to delta k can instead go through W + dW_k, exactly as that delta alone runs them: the product work of one
+delta over the batch, plus one weight-sized fold per delta and a gather / scatter of the rows.
+
+Hard masks are made here (``hard_mask``, by ``dt.route``), so a 0/1 mask is known to be one without reading its
+values (no device sync); soft weights (a router's mix) are other tensors and keep the masked path. A chain of
+stacked wrappers on one layer (several named deltas) is folded from its outermost wrapper; every wrapper in
+it must opt in (``DeltaWrapper.folds_per_sample``: LoRA), otherwise the masked path runs, which is exact too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .inject import DeltaWrapper
+from .layers import linear_types
+from .merge_on_the_fly import linear_forward
+from .structure import features
+
+# id(mask) -> (the mask, weakly; which samples it selects). Entries leave when their mask is freed.
+_HARD: dict[int, tuple[weakref.ref, tuple[bool, ...]]] = {}
+# the last grouping computed, for the masks (compared by identity) of the chain that asked: every layer of one
+# routed forward asks with the same masks, so it is computed once per routing, not once per layer
+_LAST: list = [(), None]
+# the last input split into its groups' rows: query, key and value projections read one tensor, so it is
+# gathered once for the three. The input is held weakly, and freeing it drops its parts.
+_GATHERED: list = [lambda: None, None, None]
+
+
+def hard_mask(selected: Sequence[bool], device: torch.device) -> torch.Tensor:
+    """A (batch,) float 0/1 routing mask, registered as hard so routed layers may fold per group of samples."""
+    selected = tuple(bool(s) for s in selected)
+    mask = torch.tensor(selected, dtype=torch.float32, device=device)
+    key = id(mask)
+    _HARD[key] = (weakref.ref(mask, lambda _ref, key=key: _forget(key, _ref)), selected)
+    return mask
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _HARD.get(key)
+    if entry is not None and entry[0] is ref:
+        del _HARD[key]
+
+
+def selection(mask: torch.Tensor) -> tuple[bool, ...] | None:
+    """Which samples a hard mask selects; None for any other tensor (soft weights, gates)."""
+    entry = _HARD.get(id(mask))
+    return entry[1] if entry is not None and entry[0]() is mask else None
+
+
+def sample_groups(masks: tuple[torch.Tensor, ...], device: torch.device
+                  ) -> list[tuple[tuple[int, ...], torch.Tensor | None]] | None:
+    """The batch split by which of ``masks`` (hard) select each sample: [(mask indices, rows)], rows None when
+    the group is the whole batch. None when a mask is not hard."""
+    last_masks, last_groups = _LAST
+    if len(last_masks) == len(masks) and all(a is b for a, b in zip(last_masks, masks, strict=True)):
+        return last_groups
+    selections = [selection(m) for m in masks]
+    if any(s is None for s in selections):
+        return None
+    keys = [tuple(k for k, s in enumerate(selections) if s[i]) for i in range(len(selections[0]))]
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, key in enumerate(keys):
+        rows.setdefault(key, []).append(i)
+    groups = [(key, None if len(r) == len(keys) else torch.tensor(r, device=device)) for key, r in rows.items()]
+    _LAST[:] = [masks, groups]
+    return groups
+
+
+def _chain(outer: DeltaWrapper) -> tuple[list[DeltaWrapper], nn.Module] | None:
+    """The stacked wrappers from ``outer`` down and the plain linear layer under them; None where any of them
+    cannot be folded per group (a method that has not opted in, hooks that skipping inner calls would bypass,
+    a quantized or custom layer)."""
+    chain, layer = [], outer
+    while isinstance(layer, DeltaWrapper):
+        if not layer.folds_per_sample() or (layer is not outer and (layer._forward_hooks or layer._forward_pre_hooks)):
+            return None
+        chain.append(layer)
+        layer = layer.base
+    if type(layer) not in linear_types() or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    return chain, layer
+
+
+def routed_forward(outer: DeltaWrapper, x: torch.Tensor) -> torch.Tensor | None:
+    """What the wrapper chain from ``outer`` computes under hard routing, one folded product per group of
+    samples; None when this path does not apply (autograd on, soft weights or gates, a method or layer that
+    cannot fold, or too few tokens per group for a weight-sized fold to pay): the caller runs its usual path."""
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return None
+    found = _chain(outer)
+    if found is None:
+        return None
+    chain, layer = found
+    on = [w for w in chain if w.uses_delta]
+    if not on or any(w.sample_scale is None or w.gate_scale is not None for w in on):
+        return None
+    masks = tuple(w.sample_scale for w in on)
+    if any(m.shape[0] != x.shape[0] for m in masks):
+        return None  # the masked path raises the clear error
+    groups = sample_groups(masks, x.device)
+    if groups is None or not _fold_pays(x, layer, len(groups)):
+        return None
+    weight, bias = layer.weight, layer.bias
+    if len(groups) == 1:
+        return linear_forward(layer, x, _folded(weight, [on[k] for k in groups[0][0]]), bias)
+    out = x.new_empty(*x.shape[:-1], features(layer)[1])
+    for (key, rows), part in zip(groups, _gathered(x, groups), strict=True):
+        out.index_copy_(0, rows, linear_forward(layer, part, _folded(weight, [on[k] for k in key]), bias))
+    return out
+
+
+def _gathered(x: torch.Tensor, groups: list) -> list[torch.Tensor]:
+    """Each group's rows of ``x`` (copies), reused while the next layer reads the same tensor."""
+    last_x, last_groups, parts = _GATHERED
+    if last_x() is x and last_groups is groups and x._version == parts[0]:  # unchanged since (in-place ops)
+        return parts[1]
+    gathered = [x.index_select(0, rows) for _, rows in groups]
+    _GATHERED[:] = [weakref.ref(x, _drop_gathered), groups, (x._version, gathered)]
+    return gathered
+
+
+def _drop_gathered(ref: weakref.ref) -> None:
+    if _GATHERED[0] is ref:
+        _GATHERED[:] = [lambda: None, None, None]
+
+
+def _folded(weight: torch.Tensor, wrappers: list[DeltaWrapper]) -> torch.Tensor:
+    for wrapper in wrappers:
+        weight = wrapper.fold_into(weight)
+    return weight
+
+
+def _fold_pays(x: torch.Tensor, layer: nn.Module, groups: int) -> bool:
+    """Each group's fold is weight-sized: it pays when a group's tokens N_g make N_g (in + out) > in x out
+    (the rule of core/merge_on_the_fly.py per group); full-precision weights only (bf16 would round the delta
+    away, as there)."""
+    if layer.weight.dtype not in (torch.float32, torch.float64) or x.dtype != layer.weight.dtype:
+        return False
+    fan_in, fan_out = features(layer)
+    return (x.numel() // fan_in) * (fan_in + fan_out) > groups * fan_in * fan_out
