@@ -35,7 +35,9 @@ from . import distributed, sharding
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
 from .metrics import classification_metrics, is_better, perplexity
+from .packing import check_packing, collate_packed
 from .quantization import adamw_8bit
+from .samples import complete, sample_prompts
 from .state import Progress, load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Session:
     pad_id: int
     run_dir: Path
     dist: distributed.Dist
+    tokenizer: Any = None  # language models: for the generation samples at each evaluation
 
 
 def seed_everything(seed: int) -> None:
@@ -232,6 +235,9 @@ class Loop:
         self.window = {"loss": 0.0, "steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0}
         self.metrics: MetricsLog | None = None
         self.lm_loss = self._fused_lm_loss() if self.t.fused_loss else None
+        self.packing = session.cfg.data.packing
+        if self.packing:
+            check_packing(self.model, session.train_set, self._batches(0)[0], session.pad_id)
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _batches(self, epoch: int) -> list[list[int]]:
@@ -357,7 +363,19 @@ class Loop:
             self.metrics.write(record)
         shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in found.items())
         log.info("step %d/%d eval: %s%s", p.step, self.total, shown, " (best)" if p.best_step == p.step else "")
+        self.write_samples()
         return found
+
+    def write_samples(self) -> None:
+        """Language models: a ``samples`` record with greedy completions of ``train.sample_prompts`` (main process;
+        skipped when the base is sharded, where generating would need every process in step)."""
+        prompts = sample_prompts(self.s.cfg.task, self.t.sample_prompts)
+        if not prompts or self.s.tokenizer is None or self.metrics is None or self.dist.sharded:
+            return
+        with self._autocast():
+            samples = complete(self.model, self.s.tokenizer, self.s.cfg.task, prompts, self.t.sample_max_new_tokens,
+                               self.dist.device)
+        self.metrics.write({"type": "samples", "step": self.progress.step, "samples": samples})
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -384,7 +402,11 @@ class Loop:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _device_batch(self, data: Encoded, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.dist.device, non_blocking=True) for k, v in collate(data, indices, self.s.pad_id).items()}
+        if self.packing:
+            batch = collate_packed(data, indices, self.s.pad_id, self.s.cfg.data.max_length)
+        else:
+            batch = collate(data, indices, self.s.pad_id)
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def _autocast(self):
         return torch.autocast(self.dist.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
