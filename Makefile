@@ -63,6 +63,10 @@ bench-defaults: install  ## every method's defaults vs full fine-tuning on the e
 	$(PY) bench/quality.py sweep --tasks all --recipes defaults --jobs 2
 	$(PY) bench/quality.py table --tasks all --recipes defaults
 
+.PHONY: bench-packing
+bench-packing: install  ## chat data on SmolLM2: packed vs length-grouped padded batches, real tokens/s and padding (~10 min)
+	$(PY) bench/packing.py run --examples 48 --rounds 3 --out bench/results/packing.jsonl
+
 .PHONY: bench-router
 bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)
 	$(PY) bench/router.py all --examples 2000
