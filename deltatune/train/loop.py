@@ -234,8 +234,8 @@ class Loop:
         self.saved_step: int | None = None
         self.window = {"loss": 0.0, "steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0}
         self.metrics: MetricsLog | None = None
-        self.lm_loss = self._fused_lm_loss() if self.t.fused_loss else None
         self.packing = session.cfg.data.packing
+        self.lm_loss = self._fused_lm_loss() if self.t.fused_loss else None
         if self.packing:
             check_packing(self.model, session.train_set, self._batches(0)[0], session.pad_id)
 

@@ -34,7 +34,7 @@ def chat_file(tmp_path_factory) -> Path:
     return path
 
 
-def run(tmp_path: Path, model_dir: Path, data: Path, name: str, **data_settings):
+def run(tmp_path: Path, model_dir: Path, data: Path, name: str, fused_loss: bool = False, **data_settings):
     cfg = {"task": "chat", "seed": 3, "output_dir": str(tmp_path / name),
            "model": {"path": str(model_dir)},
            "data": {"train": str(data), "validation": str(data), "max_length": 48,
@@ -42,7 +42,7 @@ def run(tmp_path: Path, model_dir: Path, data: Path, name: str, **data_settings)
            "delta": [{"method": "lora", "r": 4, "targets": "all-linear"}],
            "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 0.01, "warmup_ratio": 0.0, "log_every": 1,
                      "eval_every": 3, "progress": "never", "num_threads": 1, "sample_prompts": ["say hi"],
-                     "sample_max_new_tokens": 4}}
+                     "sample_max_new_tokens": 4, "fused_loss": fused_loss}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     config = load_config(path)
@@ -64,6 +64,8 @@ def test_packed_run_trains_like_the_unpacked_one_and_writes_samples(tmp_path, ch
     # generate uses the chat template's generation prompt, like the samples: the same greedy continuation
     generated = jobs.generate(packed_cfg, Path(packed_cfg.output_dir) / "last", "say hi", 4, 0.0)
     assert generated == completion
+    _, fused = run(tmp_path, chat_model_dir, chat_file, "fused", fused_loss=True, packing=True)
+    assert [r["loss"] for r in fused if r["type"] == "train"] == pytest.approx(losses["padded"], abs=1e-5)
     report = (Path(packed_cfg.output_dir) / "report.md").read_text()
     assert "## Generation samples" in report and f"- **say hi** {completion.strip() or '(nothing)'}" in report
 
