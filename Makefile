@@ -65,7 +65,7 @@ bench-defaults: install  ## every method's defaults vs full fine-tuning on the e
 
 .PHONY: bench-packing
 bench-packing: install  ## chat data on SmolLM2: packed vs length-grouped padded batches, real tokens/s and padding (~10 min)
-	$(PY) bench/packing.py run --examples 48 --rounds 3 --out bench/results/packing.jsonl
+	$(PY) bench/packing.py run --examples 32 --batch-size 8 --max-length 512 --rounds 3 --out bench/results/packing.jsonl
 
 .PHONY: bench-router
 bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~30 min)

