@@ -42,23 +42,24 @@ MODES = ("padded", "packed")          # timed, in alternating order
 CONTEXT = ("packed_random", "padded_random")  # padding fraction only
 
 
-def load(examples: int, max_length: int):
+def load(examples: int, max_length: int, alpaca: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = resolve_model_name("smollm2", None)
+    records = json.loads(alpaca.read_text())
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
     config = DataConfig(max_length=max_length)
     kept = []
-    for record in json.loads(ALPACA.read_text()):  # the first records with something to learn within max_length
+    for record in records:  # the first records with something to learn within max_length
         try:
-            encode_chat([record], config, tokenizer, str(ALPACA))
+            encode_chat([record], config, tokenizer, str(alpaca))
         except DataError:
             continue
         kept.append(record)
         if len(kept) == examples:
             break
-    return model, tokenizer, encode_chat(kept, config, tokenizer, str(ALPACA))
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+    return model, tokenizer, encode_chat(kept, config, tokenizer, str(alpaca))
 
 
 def batches_of(mode: str, data: Encoded, batch_size: int, pad_id: int, max_length: int) -> list[tuple[dict, int]]:
@@ -82,7 +83,7 @@ def step_time(loss_of, optimizer, batch: dict) -> float:
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    model, tokenizer, data = load(args.examples, args.max_length)
+    model, tokenizer, data = load(args.examples, args.max_length, Path(args.alpaca))
     dt.attach(model, dt.LoRA(r=8, alpha=16, targets=["q_proj", "v_proj"]))
     model.train()
     loss_of = dt.FusedLMLoss(model)  # the same loss; no (tokens x 49,152) logits: ~2 GB peak instead of ~6
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results/packing.jsonl")
+    parser.add_argument("--alpaca", default=str(ALPACA), help="the Alpaca sample (default: ../shared/data/alpaca)")
     args = parser.parse_args()
     run(args) if args.command == "run" else table(args)
 
