@@ -41,10 +41,25 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def tightest_rows(lengths: list[int], capacity: int, candidates: int = 32) -> list[list[int]]:
+    """``pack_rows`` at the row limit (from the longest example up to ``capacity``) that leaves the fewest padded
+    positions: rows are padded to the fullest one, so a limit a little under ``capacity`` often fills every row
+    evenly where the full limit would leave one row short."""
+    longest = max(lengths)
+    step = max(1, (capacity - longest) // candidates)
+    best: tuple[int, list[list[int]]] | None = None
+    for limit in [*range(longest, capacity, step), capacity]:
+        rows = pack_rows(lengths, limit)
+        positions = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best is None or positions < best[0]:
+            best = (positions, rows)
+    return best[1]
+
+
 def collate_packed(data: Encoded, indices: list[int], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
     """The examples at ``indices`` packed into rows: ``input_ids``, ``position_ids`` and ``labels``, no mask."""
     spans = [(int(data.offsets[i]), int(data.offsets[i + 1])) for i in indices]
-    rows = pack_rows([e - s for s, e in spans], max(capacity, max(e - s for s, e in spans)))
+    rows = tightest_rows([e - s for s, e in spans], max(capacity, max(e - s for s, e in spans)))
     width = max(sum(spans[j][1] - spans[j][0] for j in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     labels = torch.full_like(ids, IGNORE)
@@ -81,7 +96,7 @@ def check_packing(model: nn.Module, data: Encoded, indices: list[int], pad_id: i
         device = next(model.parameters()).device
         short = _prefixes(data, picked, CHECK_TOKENS)
         packed = collate_packed(short, [0, 1], pad_id, 2 * CHECK_TOKENS)
-        order = pack_rows(short.lengths(), 2 * CHECK_TOKENS)[0]  # the order collate_packed placed them in
+        order = tightest_rows(short.lengths(), 2 * CHECK_TOKENS)[0]  # the order collate_packed placed them in
         together = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
                          use_cache=False).logits[0].float()
         alone = [model(input_ids=short.input_ids[int(short.offsets[i]):int(short.offsets[i + 1])][None].to(device),

@@ -12,7 +12,7 @@ from deltatune.core.errors import ConfigError
 from deltatune.train.batches import IGNORE, Encoded, collate
 from deltatune.train.chat import encode_chat
 from deltatune.train.config import DataConfig
-from deltatune.train.packing import check_packing, collate_packed, pack_rows
+from deltatune.train.packing import check_packing, collate_packed, pack_rows, tightest_rows
 from tests.conftest import tiny_llama
 from tests.train.test_chat import TWO_TURNS, chat_tokenizer
 
@@ -38,6 +38,13 @@ def test_pack_rows_first_fit_decreasing():
     assert sorted(i for row in pack_rows([7, 1, 8, 2, 3, 6], 9) for i in row) == list(range(6))
 
 
+def test_tightest_rows_pick_the_limit_with_least_padding():
+    # at the full limit 11: rows of 11 and 9 tokens, padded to 2 x 11 = 22 positions; at 10: 10 and 10, 20
+    assert pack_rows([6, 5, 5, 4], 11) == [[0, 1], [2, 3]]
+    assert tightest_rows([6, 5, 5, 4], 11) == [[0, 3], [1, 2]]
+    assert tightest_rows([5, 5, 5, 4], 16) == [[0], [1], [2], [3]]  # 4 x 5 = 20 positions beat 15 + 15
+
+
 def test_packed_rows_restart_positions_and_mask_each_first_token():
     data = chat_examples()
     batch = collate_packed(data, [0, 1, 2], pad_id=0, capacity=64)
@@ -56,7 +63,7 @@ def test_padding_tail_is_a_segment_of_its_own():
     data = chat_examples()
     indices = [0, 1, 2, 3]
     lengths = [data.lengths()[i] for i in indices]
-    rows = pack_rows(lengths, 40)
+    rows = tightest_rows(lengths, 40)
     batch = collate_packed(data, indices, pad_id=0, capacity=40)
     filled = [sum(lengths[j] for j in row) for row in rows]
     assert len(rows) >= 2 and len(set(filled)) > 1  # rows of different fill: the shorter ones get a tail
