@@ -116,14 +116,19 @@ def run(args) -> None:
 def table(args) -> None:
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
     by_round: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        if r.get("bench") == "packing":
-            by_round.setdefault((r["time"][:13], r["examples"], r["round"]), {})[r["mode"]] = r
-    print("| round | examples | padded tok/s | packed tok/s | packed / padded | padding: padded, packed "
+    run, seen = 0, set()
+    for r in rows:  # rows in file order; a (round, mode) seen again starts the next invocation's rows
+        if r.get("bench") != "packing":
+            continue
+        if (r["round"], r["mode"]) in seen:
+            run, seen = run + 1, set()
+        seen.add((r["round"], r["mode"]))
+        by_round.setdefault((run, r["round"]), {})[r["mode"]] = r
+    print("| run | round | examples | padded tok/s | packed tok/s | packed / padded | padding: padded, packed "
           "(random batches: padded, packed) | load |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     ratios = []
-    for (_, examples, round_), modes in sorted(by_round.items()):
+    for (run_, round_), modes in sorted(by_round.items()):
         if not all(m in modes for m in MODES):
             continue
         padded, packed = modes["padded"], modes["packed"]
@@ -132,8 +137,8 @@ def table(args) -> None:
                 f"({padded.get('padding_fraction_padded_random', float('nan')):.1%}, "
                 f"{packed.get('padding_fraction_packed_random', float('nan')):.1%})")
         load = statistics.mean(modes[m]["loadavg_1m"] for m in MODES)
-        print(f"| {round_} | {examples} | {padded['real_tokens_per_s']:.0f} | {packed['real_tokens_per_s']:.0f} | "
-              f"{ratios[-1]:.2f}x | {pads} | {load:.1f} |")
+        print(f"| {run_} | {round_} | {padded['examples']} | {padded['real_tokens_per_s']:.0f} | "
+              f"{packed['real_tokens_per_s']:.0f} | {ratios[-1]:.2f}x | {pads} | {load:.1f} |")
     if ratios:
         print(f"packed / padded real tokens per second, median over {len(ratios)} round(s): "
               f"{statistics.median(ratios):.2f}x")

