@@ -74,6 +74,10 @@ bench-serve: install  ## deltatune serve under 8 concurrent clients: mixed-delta
 	$(PY) bench/serve.py all --model minilm --rounds 3 --requests 30
 	$(PY) bench/serve.py load --model smollm2 --rounds 2 --requests 4
 
+.PHONY: bench-packing
+bench-packing: install  ## chat data on SmolLM2: packed vs length-grouped padded batches, real tokens/s and padding (~10 min)
+	$(PY) bench/packing.py run --examples 32 --batch-size 8 --max-length 512 --rounds 3 --out bench/results/packing.jsonl
+
 .PHONY: bench-router
 bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed vs oracle, routing cost, union LoRA (~45 min)
 	$(PY) bench/router.py all --examples 2000

@@ -252,8 +252,9 @@ def generate(target: Annotated[str | None, typer.Argument(help="A run dir or che
              max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
              temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy decoding.")] = 0.0,
              template: Annotated[bool | None, typer.Option(
-                 "--template/--no-template", help="Wrap the prompt in the Alpaca template (default: for "
-                                                  "instruction runs).")] = None,
+                 "--template/--no-template", help="Wrap the prompt as the run was trained: the chat template's "
+                                                  "generation prompt (chat runs) or Alpaca's template (default: for "
+                                                  "instruction and chat runs).")] = None,
              checkpoint: Checkpoint = None, model: ModelPath = None, debug: Debug = False) -> None:
     """Generate text with a causal LM and its delta."""
     with _guard(debug):

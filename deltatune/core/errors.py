@@ -36,3 +36,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class BaseModelMismatchError(CheckpointError):
     """The checkpoint was saved for a different base model (architecture or parameter shapes)."""
+
+
+class DataError(DeltaError, ValueError):
+    """The training data can't be used as configured (missing file or column, unknown label, empty split)."""

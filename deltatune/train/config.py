@@ -35,10 +35,11 @@ from ..core.config import DeltaConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..core.recipe import Recipe, recipe_for
 from ..core.registry import config_classes
+from .offline_models import resolve_model_name
 from .quantization import QuantizationConfig, require_backend
 from .trackers import TRACKERS, require_tracker
 
-Task = Literal["classification", "causal_lm", "instruction", "dpo"]
+Task = Literal["classification", "causal_lm", "instruction", "chat", "dpo"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc", "loss")
 LM_METRICS = ("perplexity", "loss")
 PREFERENCE_METRICS = ("loss", "reward_accuracy", "reward_margin")  # task dpo (train/preference.py)
@@ -54,7 +55,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str | None = None          # local directory or hub name; None: the offline MiniLM (classification)
+    path: str | None = None          # local directory, hub name, or an offline package's model: smollm2, minilm;
+    #                                  None: the offline MiniLM (classification)
     tokenizer: str | None = None     # defaults to path
     gguf_file: str | None = None     # a GGUF file inside path (dequantised to dtype on load)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base weights; the delta follows it
@@ -70,6 +72,7 @@ class Columns(Section):
     instruction: str = "instruction"  # Alpaca-style records (task: instruction)
     input: str = "input"
     output: str = "output"
+    messages: str = "messages"       # chat records (task: chat): a list of {role, content}
 
 
 class DataConfig(Section):
@@ -87,6 +90,19 @@ class DataConfig(Section):
     cache: bool = True                # cache tokenised data (keyed by data, tokenizer and these settings)
     cache_dir: str | None = None      # None: $DELTATUNE_CACHE or ~/.cache/deltatune
     group_by_length: bool = True      # batches of similar length: less padding, same randomness per epoch
+    packing: bool = False             # language models: each batch's examples packed into rows of up to max_length
+    #                                   tokens, attention kept within each example (train/packing.py)
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # task chat: the assistant turns
+    #                                   that carry the loss (the rest of the conversation is context)
+    chat_template: str | None = None  # task chat: a Jinja chat template (a file or the template text) used instead
+    #                                   of the tokenizer's own (needed when it has none)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        if value is None or "{%" in value or "{{" in value or Path(value).expanduser().is_file():
+            return value
+        raise ValueError("must be a Jinja chat template file that exists, or the template text itself")
 
 
 class TrainConfig(Section):
@@ -124,6 +140,9 @@ class TrainConfig(Section):
     save_every: PositiveInt | None = 100   # training-state checkpoint interval in steps (also at each epoch end)
     log_every: PositiveInt = 10
     metric: str | None = None              # best-checkpoint metric; None: accuracy (classification) or perplexity
+    sample_prompts: list[str] | None = None  # language models: greedy completions of these prompts at each
+    #                                        evaluation, in metrics.jsonl and report.md; None: two fixed ones; []: off
+    sample_max_new_tokens: PositiveInt = 48
     device: str = "auto"                   # auto, cpu, cuda, cuda:N, mps
     distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"  # several processes: ddp replicates the
     #                                        base, fsdp shards it (FSDP2; docs/distributed.md); auto: ddp, or
@@ -357,6 +376,12 @@ def check_methods(cfg: RunConfig) -> None:
     if not cfg.delta:
         raise ConfigError("delta: the list is empty; give at least one method, e.g. delta: [{method: lora, r: 8}]")
     cfg.delta_configs()
+    if cfg.data.packing and cfg.task == "classification":
+        raise ConfigError("data.packing joins language-model examples into rows; task classification has one label "
+                          "per example: set it to false")
+    if cfg.data.packing and cfg.task == "dpo":
+        raise ConfigError("data.packing is not supported for task dpo (each pair's chosen and rejected responses "
+                          "share a prompt and are batched as pairs): set it to false")
     if cfg.train.fused_loss and cfg.task == "classification":
         raise ConfigError("train.fused_loss fuses a language model's output layer with its loss; task "
                           "classification has no such layer: set it to false")
@@ -387,6 +412,7 @@ def resolve(cfg: RunConfig, stem: str = "default") -> RunConfig:
     if embedded:
         cfg.data.train = str(PACKAGE_DATA / "sentiment_train.tsv")
         cfg.data.validation = str(PACKAGE_DATA / "sentiment_dev.tsv")
+    cfg.model.path, cfg.model.gguf_file = resolve_model_name(cfg.model.path, cfg.model.gguf_file)
     if cfg.model.path is None:
         if cfg.task != "classification":
             raise ConfigError(f"model.path is required for task {cfg.task} (the embedded model is an encoder)")

@@ -6,7 +6,8 @@ Hub datasets through ``datasets``. Tasks:
 - ``classification``: one text column, optionally a second (pairs), and a label column (ints or names);
 - ``causal_lm``: a text column or a .txt corpus, every token is a target;
 - ``instruction``: Alpaca-style records (Taori et al., 2023) in Alpaca's prompt template; the prompt's
-  tokens get label -100, so only the response is learned.
+  tokens get label -100, so only the response is learned;
+- ``chat``: conversations (or Alpaca records) in the tokenizer's chat template, loss on assistant turns (chat.py).
 Tokenised splits are cached (safetensors, keyed by the data, the tokenizer and every setting that changes
 the result), so a second run on the same data starts training immediately.
 """
@@ -25,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..core.checkpoint import file_sha256
-from ..core.errors import DeltaError
+from ..core.errors import DataError
 from .batches import IGNORE, Encoded
+from .chat import encode_chat
 from .config import DataConfig, RunConfig, hub_offline
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,6 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                 "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-
-
-class DataError(DeltaError, ValueError):
-    """The training data can't be used as configured (missing file or column, unknown label, empty split)."""
 
 
 def alpaca_prompt(instruction: str, context: str = "") -> str:
@@ -260,6 +258,8 @@ def encode(rows: list[dict[str, Any]], cfg: RunConfig, tokenizer, names: list[st
         return encode_classification(rows, cfg.data, tokenizer, names, where)
     if cfg.task == "instruction":
         return encode_instruction(rows, cfg.data, tokenizer, where)
+    if cfg.task == "chat":
+        return encode_chat(rows, cfg.data, tokenizer, where)
     return encode_lm(rows, cfg.data, tokenizer, corpus, where)
 
 
@@ -268,7 +268,8 @@ def encode(rows: list[dict[str, Any]], cfg: RunConfig, tokenizer, names: list[st
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    identity = f"{type(tokenizer).__name__}|{getattr(tokenizer, 'truncation_side', 'right')}|{text}"
+    template = getattr(tokenizer, "chat_template", None) or ""  # task chat renders with it
+    identity = f"{type(tokenizer).__name__}|{getattr(tokenizer, 'truncation_side', 'right')}|{text}|{template}"
     return hashlib.sha256(identity.encode()).hexdigest()
 
 
@@ -290,7 +291,7 @@ def _cache_key(cfg: RunConfig, source: str, split: str, names: list[str] | None,
     parts = {"v": CACHE_VERSION, "task": cfg.task, "source": _source_fingerprint(source, fmt), "split": split,
              "format": fmt, "hub_config": data.hub_config, "columns": data.columns.model_dump(),
              "labels": data.labels, "train_names": names, "max_length": data.max_length, "tokenizer": tok_print,
-             "rows": rows}
+             "rows": rows, "train_on": data.train_on if cfg.task == "chat" else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -33,12 +33,15 @@ from ..interop.peft import export_peft
 from ..interop.vllm import export_vllm
 from . import distributed, sharding
 from .batches import Encoded
+from .chat import use_chat_template
 from .config import RunConfig, check_paths, dump_yaml, load_config, read_yaml
-from .data import alpaca_prompt, load_split
+from .data import load_split
 from .loop import Loop, MetricsLog, Session, autocast_dtype, evaluate, seed_everything
 from .models import check_vocab, guess_task, load_model, load_tokenizer, run_dir_of, train_module_names
+from .offline_models import resolve_model_name
 from .preference import PreferenceObjective, load_pairs
 from .report import write_report
+from .samples import prompt_inputs
 from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,7 @@ def init_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -
 def load_data(cfg: RunConfig, info: distributed.Dist) -> tuple[Any, Encoded, Encoded | None]:
     """Tokenizer and tokenised splits (rank 0 first, so it fills the cache the others then read)."""
     tokenizer = load_tokenizer(cfg.model)
+    use_chat_template(tokenizer, cfg.data.chat_template)
     with distributed.main_first(info):
         if cfg.task == "dpo":  # preference pairs: every record checked here, before the model loads
             train_set = load_pairs(cfg, tokenizer, "train")
@@ -188,7 +192,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
             threads.decide()  # measured over the start-up just done: what other processes use now
         objective = PreferenceObjective.from_config(model, cfg.train) if cfg.task == "dpo" else None
         loop = Loop(Session(cfg, model, delta, train_set, eval_set, tokenizer.pad_token_id, run_dir, info,
-                            threads=threads, objective=objective))
+                            threads=threads, objective=objective, tokenizer=tokenizer))
         with distributed.peers_watched(info, run_dir), loop.trackers.closed_on_failure():
             loop.start(resume)
             progress = loop.run()
@@ -232,7 +236,9 @@ def locate(target: str, checkpoint: str | None = None, model: str | None = None,
            overrides: list[tuple[str, Any]] | None = None, check_files: bool = False) -> tuple[RunConfig, Path | None]:
     """The run config and delta checkpoint meant by ``target``: a run dir, a checkpoint in one, or a bare
     checkpoint (then ``model`` names the base). ``checkpoint`` may be best, last or a directory."""
-    path = Path(target)
+    named = model
+    model, gguf_file = resolve_model_name(model, None)  # ``--model smollm2``: the package's directory and GGUF
+    path = Path(model if target == named else target)
     run = run_dir_of(path)
     if run is not None:
         cfg = load_config(run / "config.yaml", overrides, check_files=check_files)
@@ -242,20 +248,22 @@ def locate(target: str, checkpoint: str | None = None, model: str | None = None,
     elif (path / CONFIG_FILE).exists() or model is not None:
         if model is None:
             raise ConfigError(f"{path} is a checkpoint outside a run directory; pass --model with its base model")
-        extra = [("model.path", model), ("task", task or guess_task(model))] + list(overrides or [])
+        extra = [("model.path", model), ("model.gguf_file", gguf_file),
+                 ("task", task or guess_task(model, gguf_file))] + list(overrides or [])
         cfg = load_config(None, extra, check_files=check_files)
         where = Path(checkpoint) if checkpoint else (path if (path / CONFIG_FILE).exists() else None)
     else:
         raise CheckpointNotFoundError(f"{path} is neither a run directory (with config.yaml) nor a delta checkpoint "
                                       f"(with {CONFIG_FILE}); pass a run dir, e.g. runs/default")
     if model is not None:
-        cfg.model.path = model
+        cfg.model.path, cfg.model.gguf_file = model, gguf_file or cfg.model.gguf_file
     return cfg, where
 
 
 def loaded_model(cfg: RunConfig, checkpoint: Path | None, device: str = "cpu"):
     """Tokenizer, and the base model with the checkpoint's delta loaded (or bare when None)."""
     tokenizer = load_tokenizer(cfg.model)
+    use_chat_template(tokenizer, cfg.data.chat_template)
     model, _ = load_model(cfg, cfg.data.labels, tokenizer.pad_token_id)
     model.to(device).eval()
     delta = load(model, checkpoint) if checkpoint is not None else None
@@ -320,16 +328,15 @@ def export(cfg: RunConfig, checkpoint: Path, out: Path, fmt: str) -> Path:
 
 def generate(cfg: RunConfig, checkpoint: Path | None, prompt: str, max_new_tokens: int, temperature: float,
              template: bool | None = None) -> str:
-    """Continue ``prompt`` with the causal LM (+ delta). ``template`` (default: for instruction runs) wraps
-    the prompt in the Alpaca template the run was trained with."""
+    """Continue ``prompt`` with the causal LM (+ delta). ``template`` (default: for instruction and chat runs)
+    wraps the prompt as the run was trained: Alpaca's template, or the chat template's generation prompt."""
     if cfg.task == "classification":
-        raise ConfigError("generate needs a causal LM run (task causal_lm or instruction); this run is "
+        raise ConfigError("generate needs a language-model run (task causal_lm, instruction or chat); this run is "
                           "classification: use `deltatune eval`")
     if template is None:
-        template = cfg.task == "instruction"
+        template = cfg.task in ("instruction", "chat")
     tokenizer, model, _ = loaded_model(cfg, checkpoint)
-    encoded = tokenizer(alpaca_prompt(prompt) if template else prompt, return_tensors="pt")
-    inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+    inputs = prompt_inputs(cfg.task if cfg.task == "chat" else "instruction", tokenizer, prompt, template)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     seed_everything(cfg.seed)
     with torch.no_grad():

@@ -35,8 +35,10 @@ from . import distributed, sharding
 from .batches import IGNORE, Encoded, collate, eval_batches, train_batches
 from .config import RunConfig, TrainConfig
 from .metrics import classification_metrics, is_better, perplexity
+from .packing import check_packing, collate_packed
 from .preference import PreferenceObjective
 from .quantization import adamw_8bit
+from .samples import complete, sample_prompts
 from .state import Progress, load_state, rng_state, save_state, set_rng_state
 from .threads import ThreadGovernor
 from .trackers import Trackers
@@ -62,6 +64,7 @@ class Session:
     dist: distributed.Dist
     threads: ThreadGovernor | None = None  # re-decides the CPU thread count between steps
     objective: PreferenceObjective | None = None  # task dpo: its own batches, loss and evaluation
+    tokenizer: Any = None  # language models: for the generation samples at each evaluation
 
 
 def seed_everything(seed: int) -> None:
@@ -240,7 +243,10 @@ class Loop:
         self.window = {"loss": 0.0, "steps": 0, "examples": 0, "tokens": 0, "seconds": 0.0}
         self.metrics: MetricsLog | None = None
         self.trackers = Trackers([])  # rank 0's are made in ``start``
+        self.packing = session.cfg.data.packing
         self.lm_loss = self._fused_lm_loss() if self.t.fused_loss else None
+        if self.packing:
+            check_packing(self.model, session.train_set, self._batches(0)[0], session.pad_id)
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _batches(self, epoch: int) -> list[list[int]]:
@@ -377,7 +383,19 @@ class Loop:
             self.metrics.write(record)
         shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in found.items())
         log.info("step %d/%d eval: %s%s", p.step, self.total, shown, " (best)" if p.best_step == p.step else "")
+        self.write_samples()
         return found
+
+    def write_samples(self) -> None:
+        """Language models: a ``samples`` record with greedy completions of ``train.sample_prompts`` (main process;
+        skipped when the base is sharded, where generating would need every process in step)."""
+        prompts = sample_prompts(self.s.cfg.task, self.t.sample_prompts)
+        if not prompts or self.s.tokenizer is None or self.metrics is None or self.dist.sharded:
+            return
+        with self._autocast():
+            samples = complete(self.model, self.s.tokenizer, self.s.cfg.task, prompts, self.t.sample_max_new_tokens,
+                               self.dist.device)
+        self.metrics.write({"type": "samples", "step": self.progress.step, "samples": samples})
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -404,7 +422,12 @@ class Loop:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _device_batch(self, data: Encoded, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = (self.s.objective.collate if self.s.objective is not None else collate)(data, indices, self.s.pad_id)
+        if self.s.objective is not None:
+            batch = self.s.objective.collate(data, indices, self.s.pad_id)
+        elif self.packing:
+            batch = collate_packed(data, indices, self.s.pad_id, self.s.cfg.data.max_length)
+        else:
+            batch = collate(data, indices, self.s.pad_id)
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def _autocast(self):

@@ -136,12 +136,12 @@ def train_module_names(cfg: RunConfig, model: nn.Module, new_params: list[str]) 
     return [m for m in kept if not any(m.startswith(other + ".") for other in kept)]  # no module inside another
 
 
-def guess_task(path: str) -> str:
+def guess_task(path: str, gguf_file: str | None = None) -> str:
     """classification or causal_lm, from the model's config (architectures / model type)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not read a model config from {path!r}: {e}") from e
     archs = " ".join(config.architectures or [])

@@ -90,6 +90,21 @@ def table(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def samples_section(records: list[dict[str, Any]]) -> list[str]:
+    """The generation samples of the first and the last evaluation (language models), as markdown lines."""
+    kept = [r for r in records if r.get("type") == "samples"]
+    if not kept:
+        return []
+    lines = ["## Generation samples", ""]
+    for record in kept[:1] + kept[1:][-1:]:
+        lines += [f"Step {record['step']}:", ""]
+        for sample in record["samples"]:
+            completion = sample["completion"].strip().replace("\n", " ") or "(nothing)"
+            lines.append(f"- **{sample['prompt']}** {completion}")
+        lines.append("")
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write the plots and ``report.md`` into ``run_dir``; returns the report's path."""
     run_dir = Path(run_dir)
@@ -109,6 +124,7 @@ def write_report(run_dir: str | Path) -> Path:
         parts += [f"| {r['step']} | " + " | ".join(f"{r.get(k, float('nan')):.4f}" for k in keys) + " |"
                   for r in evals]
         parts.append("")
+    parts += samples_section(records)
     parts += [f"![{p.stem}]({p.name})" for p in images]
     path = run_dir / "report.md"
     path.write_text("\n".join(parts) + "\n")

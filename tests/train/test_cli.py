@@ -160,7 +160,7 @@ def test_report_rebuilds_files_and_names_a_wrong_dir(run_dir, tmp_path):
 
 def test_commands_on_the_wrong_thing_say_what_to_pass(run_dir, tmp_path):
     assert_user_error(invoke("eval", tmp_path), "neither a run directory")
-    assert_user_error(invoke("generate", run_dir, "-p", "hi"), "generate needs a causal LM")
+    assert_user_error(invoke("generate", run_dir, "-p", "hi"), "generate needs a language-model run")
     assert_user_error(invoke("merge", run_dir / "best", tmp_path / "m", "--checkpoint", tmp_path / "nope"),
                       "no checkpoint at")
 

@@ -55,7 +55,7 @@ def test_wrong_type_names_path_and_value(tmp_path):
     ("train:\n  warmup_ratio: 1.5\n", "train.warmup_ratio: input should be less than 1"),
     ("train:\n  eval_every: 0\n", "train.eval_every: must be 'epoch', 'never' or a positive number of steps"),
     ("train:\n  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
-    ("task: regression\n", "task: input should be 'classification', 'causal_lm', 'instruction' or 'dpo'"),
+    ("task: regression\n", "task: input should be 'classification', 'causal_lm', 'instruction', 'chat' or 'dpo'"),
     ("data:\n  columns:\n    txt: review\n", "unknown key 'data.columns.txt'; did you mean 'data.columns.text'?"),
     ("train:\n  metric: perplexity\n", "train.metric must be one of accuracy, f1, mcc, loss"),
 ])
