@@ -126,7 +126,6 @@ def attach(model: nn.Module, *configs: DeltaConfig | Sequence[DeltaConfig], name
         param.requires_grad_(True)
     deltas_of(model)[name] = delta
     quant.guard_gradients(model)  # bitsandbytes' packed CPU layers give no input gradient (core/quant.py)
-    quant.keep_compute_dtype(model)  # and compute in bf16 whatever the compute dtype says (core/quant.py)
     return delta
 
 

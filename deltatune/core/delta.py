@@ -266,7 +266,6 @@ class Delta:
         table.pop(self.name, None)
         if not table:
             quant.release_gradients(self.model)
-            quant.release_compute_dtype(self.model)
             for name, param in named_base_parameters(self.model):
                 param.requires_grad_(self._requires_grad_before.get(name, param.requires_grad))
         self.attached = False

@@ -7,22 +7,11 @@ merge) asks here instead. Nothing here imports bitsandbytes or torchao at module
 layer is recognised by its weight's class, so a model without them never pays for the import.
 
 One bitsandbytes quirk this module also handles (0.50.2, CPUs with AVX512-BF16, i.e. this machine): the
-first forward of a ``Linear4bit`` in eval mode without gradients (``nn/modules.py``, ``Linear4bit.forward``)
-repacks its weight in place into a CPU format (``functional._convert_weight_packed_for_cpu``: scales cast to
-bf16), and every later forward of that layer runs ``gemv_4bit`` (``backends/cpu/ops.py``), which casts the
-input to bf16 and multiplies in bf16 whatever ``bnb_4bit_compute_dtype`` says. Two consequences:
-
-- the layer's training forward gives *no gradient to its input* (the packed kernel has no backward), silently
-  cutting every delta below it off from the loss. ``guard_gradients`` adds a forward hook that supplies the
-  missing input gradient (g @ W, with W the layer's dequantized weight, recomputed in backward, never stored).
-- its outputs carry bf16 rounding although the model asked for float32: a float32 merge of the dequantized
-  base + delta then differs from the quantized model by that rounding (~0.07 in the logits of a tiny Llama).
-  ``keep_compute_dtype`` (called at attach, like ``guard_gradients``) turns the repack off for layers whose
-  compute dtype is not bf16 (the layer's own ``support_avx512bf16_for_cpu`` flag, read by that ``forward``),
-  and gives every such layer the bf16-rounded scales the repack gives (bitsandbytes drops the float32 ones, so
-  this is the only weight all of them can share): a layer then computes in its compute dtype with exactly the
-  weight ``dequantized_weight`` returns, which is the weight a dequantizing merge writes. A layer already
-  repacked stays packed until it first runs in training mode, so that attaching changes no output.
+first forward of a ``Linear4bit`` in eval mode without gradients repacks its weight in place into a CPU
+format (scales cast to bf16), and from then on that layer's training forward gives *no gradient to its
+input* (the packed kernel has no backward), silently cutting every delta below it off from the loss.
+``guard_gradients`` adds a forward hook that supplies the missing input gradient (g @ W, with W the
+layer's dequantized weight, recomputed in backward and never stored).
 """
 
 from __future__ import annotations
@@ -146,77 +135,6 @@ def _dequantize_4bit(weight: torch.Tensor) -> torch.Tensor:
     unpacked.nested = False
     unpacked.dtype = torch.float32
     return bnbf.dequantize_4bit(codes, unpacked)
-
-
-def _unpack_for_compute_dtype(layer: nn.Module) -> None:
-    """Undo bitsandbytes' CPU repacking of ``layer`` in place: the usual 4-bit layout, with the bf16 scales the
-    repacked layer holds (as float32, not requantized: bitsandbytes' own inverse re-quantizes nested scales)."""
-    import bitsandbytes.functional as bnbf
-
-    weight = layer.weight
-    packed_scales = weight.quant_state.absmax  # bf16, (in / blocksize, out)
-    codes, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-    state.absmax = packed_scales.T.reshape(-1).float()
-    state.nested = False
-    weight.data = codes
-    weight.quant_state = state
-
-
-_PINNED_KEY = "_deltatune_quant_pinned"
-
-
-def _round_scales_like_bitsandbytes(layer: nn.Module) -> None:
-    """Give a not-yet-repacked layer the scales bitsandbytes' repack would give it (float32 values rounded to
-    bf16; nested scales dequantized first), in the usual layout: the weight its CPU inference would use."""
-    import bitsandbytes.functional as bnbf
-
-    state = layer.weight.quant_state
-    scales = state.absmax
-    if state.nested:
-        scales = bnbf.dequantize_blockwise(scales, state.state2) + state.offset
-    state.absmax = scales.float().to(torch.bfloat16).float()
-    state.nested = False
-
-
-def _unpack_when_training(layer: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: a repacked layer that is about to train is unpacked first (see the module docstring)."""
-    if layer.training and getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
-        _unpack_for_compute_dtype(layer)
-
-
-def keep_compute_dtype(model: nn.Module) -> None:
-    """Make every bitsandbytes 4-bit layer whose compute dtype is not bf16, on a CPU where bitsandbytes would
-    repack it, hold the weight its CPU inference uses (bf16-rounded scales) but compute in its compute dtype.
-
-    - not yet repacked: its repack flag is turned off and its scales are rounded as the repack would round them;
-    - already repacked (an eval forward ran before the attach): left as it is, so the model's outputs at attach
-      are exactly the ones it gave before, and unpacked by a pre-hook at its first forward in training mode.
-    From the first training step on, the quantized model then computes what a dequantizing merge of it computes
-    (``dequantized_weight`` is that weight). Costs bitsandbytes' packed bf16 kernel on those layers (their eval
-    forward dequantizes, as training does); bf16-compute layers keep it. Idempotent; ``release_compute_dtype``
-    gives the layers their flag back (bitsandbytes repacks them at their next eval forward, to the same values)."""
-    pinned = model.__dict__.setdefault(_PINNED_KEY, {})
-    for layer in model.modules():
-        if kind(layer) != "bnb4" or compute_dtype(layer) == torch.bfloat16 or layer in pinned:
-            continue
-        if not getattr(layer, "support_avx512bf16_for_cpu", False):
-            continue  # bitsandbytes never repacks this layer: it already computes in its compute dtype
-        layer.support_avx512bf16_for_cpu = False
-        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
-            pinned[layer] = layer.register_forward_pre_hook(_unpack_when_training)
-        else:
-            _round_scales_like_bitsandbytes(layer)
-            pinned[layer] = None
-    if not pinned:
-        model.__dict__.pop(_PINNED_KEY)
-
-
-def release_compute_dtype(model: nn.Module) -> None:
-    """Give the layers ``keep_compute_dtype`` pinned their repack flag back (the last delta was detached)."""
-    for layer, handle in model.__dict__.pop(_PINNED_KEY, {}).items():
-        layer.support_avx512bf16_for_cpu = True
-        if handle is not None:
-            handle.remove()
 
 
 def _dequantize_8bit(layer: nn.Module) -> torch.Tensor:
