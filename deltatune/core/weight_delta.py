@@ -1,5 +1,6 @@
 """The wrapper shape shared by methods whose delta is a whole weight-shaped dW built from their own factors at
 each call (LoHa's Hadamard product, LoKr's Kronecker product, SparseFT's scattered values): y = f(x) + x dW^T.
+W + dW is never built for the forward, so the base layer may be quantized (bitsandbytes, torchao).
 
 A method subclasses ``WeightDeltaWrapper`` and defines ``update()``; forward, merging (dW added to W in the base
 layer's own layout, transposed for transformers' Conv1D) and routing come from here.
@@ -19,6 +20,8 @@ class WeightDeltaWrapper(DeltaWrapper):
 
     mergeable = True
     routable = True  # the whole delta path goes through ``scaled``
+    # x dW^T is added to the base layer's output, never to its weight: a quantized layer runs as it is (tests/quant)
+    wraps_quantized = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)

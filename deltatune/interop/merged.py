@@ -107,7 +107,9 @@ def merged_copy(delta: Delta) -> tuple[nn.Module, Delta]:
     """The full-precision copy of ``delta``'s base with the same delta attached, loaded and merged."""
     plain = full_precision_copy(delta.model)
     twin = attach(plain, *delta.configs, name=delta.name, train_modules=None)
-    twin.load_state_dict({k: v.float() for k, v in delta.state_dict().items()}, "the delta being merged")
+    # floating tensors in float32; integer ones (SparseFT's indices) as they are
+    state = {k: v.float() if v.is_floating_point() else v for k, v in delta.state_dict().items()}
+    twin.load_state_dict(state, "the delta being merged")
     twin.merge()
     return plain, twin
 

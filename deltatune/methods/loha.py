@@ -50,7 +50,7 @@ class LoHaLinear(WeightDeltaWrapper):
         layer = self.base_layer()
         in_features, out_features = features(layer)
         self.r, self.alpha, self.scale = cfg.r, cfg.alpha, cfg.alpha / cfg.r
-        kind = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        kind = self.tensor_options()  # compute dtype: a quantized base stores integers
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, cfg.r, **kind))
         self.hada_w1_b = nn.Parameter(torch.empty(cfg.r, in_features, **kind))
         self.hada_w2_a = nn.Parameter(torch.empty(out_features, cfg.r, **kind))
@@ -61,7 +61,6 @@ class LoHaLinear(WeightDeltaWrapper):
     def update(self) -> torch.Tensor:
         """delta W in (out, in) layout, whatever the base layer stores."""
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
-
 
 
 @register(LoHa)

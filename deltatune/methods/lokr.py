@@ -80,7 +80,7 @@ class LoKrLinear(WeightDeltaWrapper):
         self.r, self.alpha, self.scale = cfg.r, cfg.alpha, cfg.alpha / cfg.r
         factor = -1 if cfg.decompose_factor is None else cfg.decompose_factor
         (in_m, in_n), (out_l, out_k) = factorization(in_features, factor), factorization(out_features, factor)
-        kind = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        kind = self.tensor_options()  # compute dtype: a quantized base stores integers
         if cfg.decompose_both and cfg.r < max(out_l, in_m) / 2:
             self.lokr_w1_a = nn.Parameter(torch.zeros(out_l, cfg.r, **kind))  # zero: no change at attach
             self.lokr_w1_b = _kaiming(torch.empty(cfg.r, in_m, **kind))

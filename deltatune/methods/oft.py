@@ -68,6 +68,9 @@ class OFTLinear(DeltaWrapper):
 
     mergeable = True
     routable = True  # under routing/gates: base(x + scaled(R x - x)), so scale 0 gives the base output
+    # the rotation is applied to the layer's input, the same map as merge's W R^T, so a quantized layer runs as
+    # it is and its weight is never rebuilt (tests/quant)
+    wraps_quantized = True
 
     def __init__(self, base: nn.Module, block_size: int) -> None:
         super().__init__(base)
@@ -76,8 +79,7 @@ class OFTLinear(DeltaWrapper):
         self.conv1d = not isinstance(layer, nn.Linear)
         self.block_size, self.blocks = block_size, in_features // block_size
         n_entries = block_size * (block_size - 1) // 2
-        self.oft_R = nn.Parameter(torch.zeros(self.blocks, n_entries, dtype=layer.weight.dtype,
-                                              device=layer.weight.device))
+        self.oft_R = nn.Parameter(torch.zeros(self.blocks, n_entries, **self.tensor_options()))
 
     def rotation(self) -> torch.Tensor:
         """The R_i as (blocks, k, k)."""

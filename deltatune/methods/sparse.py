@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import CheckpointError
 from ..core.inject import Attachment, wrap_module
@@ -65,17 +66,22 @@ class SparseLinear(WeightDeltaWrapper):
         layer = self.base_layer()
         in_features, out_features = features(layer)
         self.in_features = in_features
-        weight = layer.weight.T if self.conv1d else layer.weight
         k = max(1, round(cfg.density * in_features))
-        indices = choose_entries(weight, k, cfg.select, generator).to(layer.weight.device)
+        indices = choose_entries(self._weight(), k, cfg.select, generator).to(layer.weight.device)
         self.register_buffer("indices", indices, persistent=False)  # saved by saved_state, not as a model buffer
-        self.values = nn.Parameter(torch.zeros(out_features, k, dtype=layer.weight.dtype, device=layer.weight.device))
+        self.values = nn.Parameter(torch.zeros(out_features, k, **self.tensor_options()))
+
+    def _weight(self) -> torch.Tensor:
+        """The base weight (out, in) that ``select="magnitude"`` ranks: dequantized for a quantized layer."""
+        layer = self.base_layer()
+        if self.quantized_base:
+            return quant.dequantized_weight(layer)
+        return layer.weight.T if self.conv1d else layer.weight
 
     def update(self) -> torch.Tensor:
         """S, dense, in (out, in) layout."""
         dense = self.values.new_zeros(self.values.shape[0], self.in_features)
         return dense.scatter(1, self.indices.long(), self.values)
-
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.detach(), "indices": self.indices}

@@ -69,15 +69,15 @@ class VeRALinear(DeltaWrapper):
 
     mergeable = True
     routable = True  # the VeRA path goes through ``scaled``
+    wraps_quantized = True  # the VeRA path is added to the base layer's output, never to its weight (tests/quant)
 
     def __init__(self, base: nn.Module, shared_a: torch.Tensor, shared_b: torch.Tensor, cfg: VeRA) -> None:
         super().__init__(base)
         layer = self.base_layer()
         in_features, out_features = features(layer)
-        weight = layer.weight
         self.conv1d = not isinstance(layer, nn.Linear)  # Conv1D stores its weight (in, out): merge transposes
         # frozen, not saved (regenerated from the seed): non-persistent buffers, not parameters
-        kind = {"dtype": weight.dtype, "device": weight.device}
+        kind = self.tensor_options()  # compute dtype: a quantized base stores integers
         self.register_buffer("vera_A", shared_a[:, :in_features].to(**kind), persistent=False)
         self.register_buffer("vera_B", shared_b[:out_features, :].to(**kind), persistent=False)
         self.vera_lambda_d = nn.Parameter(torch.full((cfg.r,), float(cfg.d_initial), **kind))

@@ -61,14 +61,44 @@ def test_dequantized_merge_is_the_exact_formula(loader, scheme, tmp_path):
     assert not delta.is_merged and torch.equal(logits(model), logits(model))
 
 
-@pytest.mark.parametrize("make", [lambda: dt.LoRA(r=4, targets="all-linear", dora=True), lambda: dt.IA3(),
-                                  lambda: [dt.LoRA(r=4, targets=["q_proj"]), dt.IA3()]],
-                         ids=["dora", "ia3", "lora+ia3"])
-def test_dequantized_merge_of_other_methods_matches_the_quantized_model(loader, make, tmp_path):
-    model = loader("nf4")
-    made = make()
+OTHER_METHODS = {
+    "dora": lambda: dt.LoRA(r=4, targets="all-linear", dora=True),
+    "ia3": lambda: dt.IA3(),
+    "lora+ia3": lambda: [dt.LoRA(r=4, targets=["q_proj"]), dt.IA3()],
+    "vera": lambda: dt.VeRA(r=16),
+    "loha": lambda: dt.LoHa(r=4),
+    "lokr": lambda: dt.LoKr(r=4),
+    "oft": lambda: dt.OFT(block_size=16),
+    "sparse": lambda: dt.SparseFT(density=0.1),
+}
+
+
+def attach_other(model: torch.nn.Module, method: str):
+    made = OTHER_METHODS[method]()
     delta = dt.attach(model, *(made if isinstance(made, list) else [made]))
     randomize(delta, std=0.05)
+    return delta
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_dequantized_merge_of_other_methods_matches_the_quantized_model(loader, method, tmp_path):
+    model = loader("nf4")
+    delta = attach_other(model, method)
+    with pytest.raises(dt.StateError, match="merge_and_save"):
+        delta.merge()  # every method refuses to merge into 4-bit weights, as LoRA does
+    out = dt.merge_and_save(delta, tmp_path / "merged", dtype="float32")
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.allclose(exact(plain), exact(model), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["vera", "loha", "oft", "sparse"])
+@pytest.mark.parametrize("scheme", ["int8", "torchao-int8"])
+def test_dequantized_merge_on_8_bit_bases(loader, scheme, method, tmp_path):
+    """The same for 8-bit bases, within the error of int8 activations in bitsandbytes' eval path."""
+    model = loader(scheme)
+    delta = attach_other(model, method)
+    with pytest.raises(dt.StateError, match="merge_and_save"):
+        delta.merge()
     out = dt.merge_and_save(delta, tmp_path / "merged", dtype="float32")
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert torch.allclose(exact(plain), exact(model), atol=1e-4, rtol=0)
