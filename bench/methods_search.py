@@ -36,12 +36,12 @@ CANDIDATES: dict[str, list[dict[str, Any]]] = {
     "loha": [{LR: 1e-3}, {LR: 3e-3, HEAD: 1e-2}],
     "lokr": [{LR: 3e-3, HEAD: 1e-2}, {LR: 1e-3}],
     "oft": [{LR: 3e-3, HEAD: 1e-2}, {LR: 1e-3}],
-    "sparse": [{LR: 1e-3}, {LR: 3e-4}],
     "lora_pissa": [{LR: 1e-3}, {LR: 3e-4}],
+    "lora_corda": [{LR: 1e-3}, {LR: 3e-4}],
     "lora_olora": [{LR: 1e-3}, {LR: 3e-4}],
     "loraplus": [{"train.loraplus_ratio": 16.0}, {"train.loraplus_ratio": 4.0}],
     "lora_eva": [{LR: 1e-3}, {LR: 2e-3}],
-    "lora_corda": [{LR: 1e-3}, {LR: 3e-4}],
+    "sparse": [{LR: 1e-3}, {LR: 3e-3, HEAD: 1e-2}],  # 1e-3 / 1e-3 answered one class
 }
 
 
