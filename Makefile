@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-sharded test-architectures lint conformance bench bench-quality bench-defaults bench-quant bench-7b bench-threads bench-serve clean
+.PHONY: install demo test test-fast test-sharded test-architectures lint conformance bench bench-quality bench-methods bench-defaults bench-quant bench-7b bench-threads bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,10 @@ bench-threads: install  ## a run started right after a job that kept every core 
 bench-quality: install  ## accuracy of every method (and PEFT's LoRA) on SST-2, MRPC, CoLA, MR; table + PNG (~1 h)
 	$(PY) bench/quality.py sweep --tasks quality --recipes quality --jobs 2
 	$(PY) bench/quality.py table --tasks quality --recipes quality --plot bench/results/quality.png
+
+bench-methods: install  ## issue 23's methods: recipe search on held-out SST-2 train rows, SST-2 + MR rows (~2 h busy)
+	$(PY) bench/methods_search.py
+	$(PY) bench/methods_search.py table
 
 bench-defaults: install  ## every method's defaults vs full fine-tuning on the eight public tasks (issue 10; ~2.5 h)
 	$(PY) bench/quality.py sweep --tasks all --recipes defaults --jobs 2

@@ -21,6 +21,7 @@ from ..core.delta import Delta, deltas_of
 from ..core.errors import ConfigError, StateError
 from ..core.inject import DeltaWrapper
 from ..methods.lora import LoRA
+from ..methods.lora.inits import RESIDUAL_INITS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _lora_factors(delta: Delta, weight: float) -> dict[str, Factors]:
             kind = "lora(dora=True)" if isinstance(cfg, LoRA) else cfg.method
             raise ConfigError(f"dt.combine works on plain LoRA deltas only; delta {delta.name!r} contains {kind}, "
                               f"whose update is not a sum of low-rank products")
-        if cfg.init in ("pissa", "olora"):  # its A, B act on a residual base weight, not on the shared original
+        if cfg.init in RESIDUAL_INITS:  # its A, B act on a residual base weight, not on the shared original
             raise ConfigError(f"dt.combine works on plain LoRA deltas only; delta {delta.name!r} is a LoRA with "
                               f"init={cfg.init!r}, which rewrote the base weights. Export it with dt.export_peft "
                               f"(a plain LoRA on the original weights) and dt.import_peft it to combine it.")

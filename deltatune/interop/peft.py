@@ -32,6 +32,7 @@ from ..core.layers import ExpertBank
 from ..methods.loha import LoHa
 from ..methods.lokr import LoKr
 from ..methods.lora import LoRA, LoRAEmbedding
+from ..methods.lora.inits import RESIDUAL_INITS
 from ..methods.oft import OFT
 from ..methods.vera import VeRA, projections
 
@@ -85,9 +86,10 @@ def _lora_names(module: DeltaModule) -> dict[str, str]:
 
 
 def _lora_tensors(module: DeltaModule) -> dict[str, torch.Tensor]:
-    """A plain LoRA against the original weight: PiSSA / OLoRA modules are converted (``plain_factors``)."""
+    """A plain LoRA against the original weight: PiSSA / OLoRA / CorDA modules are converted (``plain_factors``)."""
     names = _lora_names(module)
-    state = dict(module.saved_state())
+    # CorDA's saved start (init_A, init_B) is folded into the rank-2r factors below, not written on its own
+    state = {k: v for k, v in module.saved_state().items() if k not in ("init_A", "init_B")}
     state["lora_A"], state["lora_B"], _, _ = module.plain_factors()
     return {names[n]: t for n, t in state.items()}
 
@@ -101,7 +103,7 @@ def _lora_config(att: Attachment) -> dict[str, Any]:
                          f"with one pair per expert, which PEFT's format cannot hold; save it with delta.save(), or "
                          f"leave 'experts' out of targets to export")
     plain = {p: w.plain_factors()[2:] for p, w in wrappers.items()}  # (r, alpha) as exported
-    r, alpha = (cfg.r, cfg.alpha) if cfg.init not in ("pissa", "olora") else next(iter(plain.values()))
+    r, alpha = (cfg.r, cfg.alpha) if cfg.init not in RESIDUAL_INITS else next(iter(plain.values()))
     conv1d = any(not isinstance(w.base_layer(), (nn.Linear, nn.Embedding)) for w in wrappers.values())
     return {
         "r": r, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
@@ -265,9 +267,9 @@ def export_peft(delta: Delta, directory: str | os.PathLike) -> Path:
     """Write ``delta`` (one LoRA / VeRA / LoHa / LoKr / OFT, optionally with train_modules) as a PEFT adapter
     directory that ``peft.PeftModel.from_pretrained`` loads with the same outputs.
 
-    A LoRA with ``init="pissa"`` or ``"olora"`` is written as a plain LoRA of rank 2r against the *original*
-    base weight (see ``LoRALinear.plain_factors``), as PEFT's ``convert_pissa_to_lora`` does: PEFT users load it
-    onto the unmodified base model."""
+    A LoRA with ``init="pissa"``, ``"olora"`` or ``"corda"`` is written as a plain LoRA of rank 2r against the
+    *original* base weight (see ``LoRALinear.plain_factors``), as PEFT's ``convert_pissa_to_lora`` does: PEFT users
+    load it onto the unmodified base model."""
     att = _exported_slot(delta)
     fmt = FORMATS[att.config.method]
     config = peft_config(delta)  # first: it refuses what PEFT cannot hold (Conv1D LoHa / LoKr / OFT)

@@ -36,6 +36,7 @@ from .batches import Encoded
 from .chat import use_chat_template
 from .config import RunConfig, check_paths, dump_yaml, load_config, read_yaml
 from .data import load_split
+from .data_init import start_from_data
 from .loop import Loop, MetricsLog, Session, autocast_dtype, evaluate, seed_everything
 from .models import check_vocab, guess_task, load_model, load_tokenizer, run_dir_of, train_module_names
 from .offline_models import resolve_model_name
@@ -185,6 +186,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
             init_run_dir(run_dir, cfg, resume, overwrite)
         distributed.barrier(info)
         model, delta = build_model(cfg, train_set.label_names, tokenizer.pad_token_id, info.device, info.sharded)
+        start_from_data(delta, train_set, tokenizer.pad_token_id, cfg.train.batch_size, cfg.seed,  # init eva / corda
+                        cfg.data.group_by_length, info.device, info.sharded)
         if info.sharded:
             sharding.shard_model(model, delta, info)
         check_vocab(model, cfg.model.tokenizer or cfg.model.path, tokenizer.pad_token_id, train_set, eval_set)

@@ -14,9 +14,10 @@ from ...core.config import DeltaConfig
 from ...core.recipe import Recipe
 from ...core.targets import Targets
 from .budget import RankBudget
-from .inits import RESIDUAL_INITS
+from .inits import DATA_INITS, RESIDUAL_INITS, WEIGHT_INITS
 
-INITS = ("kaiming", "gaussian", *RESIDUAL_INITS, "loftq")
+INITS = ("kaiming", "gaussian", *WEIGHT_INITS, *DATA_INITS, "loftq")
+CORDA_MODES = ("ipm", "kpm")
 
 
 @dataclasses.dataclass
@@ -34,8 +35,13 @@ class LoRA(DeltaConfig):
     dora: bool = False           # DoRA: learn a per-output magnitude too (Liu et al., 2024); still mergeable
     # how A and B start: "kaiming" (A uniform, as nn.Linear; B = 0) or "gaussian" (A with std 1/r); "pissa" or
     # "olora": from W's principal singular vectors / QR, W keeping the residual (inits.py: what happens to W);
-    # "loftq": A and B at the quantization error's top-r SVD (quantized bases only, loftq.py)
+    # "loftq": A and B at the quantization error's top-r SVD (quantized bases only, loftq.py); "eva" / "corda":
+    # from a few batches of data, set by dt.eva_init(delta, batches) after attach (eva.py, corda.py;
+    # ``deltatune train`` makes that call itself), plain kaiming LoRA until then
     init: str = "kaiming"
+    # CorDA's mode: "ipm" trains the directions the data uses most (for the task), "kpm" the least (keeps what
+    # the data's context holds in the frozen base)
+    corda_mode: str = "ipm"
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)     # per-module r overrides
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # per-module alpha overrides
     # prune/reallocate rank during training down to a total budget (AdaLoRA-like; see methods/lora/budget.py)
@@ -50,6 +56,7 @@ class LoRA(DeltaConfig):
         self._require(self.alpha > 0, "alpha", "> 0")
         self._require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         self._require(self.init in INITS, "init", " or ".join(map(repr, INITS)))
+        self._require(self.corda_mode in CORDA_MODES, "corda_mode", " or ".join(map(repr, CORDA_MODES)))
         if self.init in RESIDUAL_INITS:  # both rewrite W at attach; DoRA's magnitude and a rank budget assume not
             self._require(not self.dora, "dora", f"False with init={self.init!r} (not supported together)")
             self._require(self.adaptive is None, "adaptive", f"None with init={self.init!r} (not supported together)")

@@ -2,8 +2,10 @@
 
 ``dt.attach`` sees no data, so this is a separate call, made after attaching a LoRA and before training:
 
-    delta = dt.attach(model, dt.LoRA(r=8))
+    delta = dt.attach(model, dt.LoRA(r=8, init="eva"))   # init="eva" only tells ``deltatune train`` to call it
     dt.eva_init(delta, batches)          # batches: an iterable of model inputs (dicts of tensors), a few suffice
+
+The same call starts a ``dt.LoRA(init="corda")`` delta (corda.py): the one documented way in for data.
 
 For every LoRA Linear / Conv1D module it accumulates the Gram matrix X^T X of the module's inputs over the
 batches (tokens with ``attention_mask`` 0 left out when the batch has one) and sets A's r rows to its top-r
@@ -26,6 +28,7 @@ import torch
 
 from ...core.delta import Delta
 from ...core.errors import ConfigError, StateError
+from .corda import corda_init
 from .inits import RESIDUAL_INITS
 from .layers import LoRALinear
 
@@ -52,16 +55,25 @@ def _targets(delta: Delta) -> dict[str, LoRALinear]:
 
 
 def eva_init(delta: Delta, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Set A of every LoRA module of ``delta`` to the top-r right singular vectors of its inputs over ``batches``.
+    """Set A of every LoRA module of ``delta`` to the top-r right singular vectors of its inputs over ``batches``
+    (a ``dt.LoRA(init="corda")`` delta: start it by CorDA instead, corda.py).
 
     Args:
-        delta: an attached, untrained plain LoRA delta (B still zero).
+        delta: an attached, untrained plain LoRA delta (B still zero), or an untrained CorDA one.
         batches: model inputs, each a mapping of keyword arguments (``input_ids``, ``attention_mask`` ...).
     Returns:
-        Per module path, the share of the inputs' energy (sum of squared singular values) its r directions hold.
+        Per module path, the share of the inputs' energy (sum of squared singular values) its r directions hold
+        (CorDA: the share of W C's singular values its trained components hold).
     Raises:
         ConfigError: no plain LoRA in the delta, or no batch given. StateError: B already trained, or merged.
     """
+    inits = {a.config.init for a in delta.attachments if a.config.method == "lora"}
+    if "corda" in inits:
+        if len(inits) > 1:
+            others = sorted(inits - {"corda"})
+            raise ConfigError(f"dt.eva_init starts one kind of LoRA per call; delta {delta.name!r} mixes "
+                              f"init='corda' with {others}: attach them as separate deltas")
+        return corda_init(delta, batches)
     wrappers = _targets(delta)
     grams = {p: None for p in wrappers}
     mask: list[torch.Tensor | None] = [None]

@@ -4,7 +4,10 @@ With W (out, in) the original weight and s the LoRA scale:
 - PiSSA (Meng et al., 2024, arXiv:2404.02948): W = U S V^T; A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), so
   s B A is W's best rank-r approximation: training starts on the principal singular directions.
 - OLoRA (Buyukakyuz, 2024, arXiv:2406.01775): W = Q R; B = Q_r (orthonormal columns), A = R_r (first r rows).
-Both then write the residual W - s B0 A0 into the base weight, so the model as a whole is unchanged at attach
+- CorDA (corda.py) takes A0, B0 from W and the covariance of the layer's inputs over a few batches, so it runs
+  in ``dt.eva_init`` after attach, not at attach; from then on it is handled as PiSSA below, except that A0, B0
+  are saved with the checkpoint (a load has no data to recompute them from).
+All three then write the residual W - s B0 A0 into the base weight, so the model as a whole is unchanged at attach
 (within float rounding, not bitwise: about 1e-7 relative). The same formulas as PEFT (``pissa_init``,
 ``olora_init``), computed in float32.
 
@@ -31,11 +34,16 @@ from torch import nn
 from ...core.errors import ConfigError
 from ...core.inject import Attachment
 
-RESIDUAL_INITS = ("pissa", "olora")
+WEIGHT_INITS = ("pissa", "olora")  # A0, B0 from W alone, at attach (redone identically at load)
+# A0, B0 from W and a few batches of data (corda.py), set by dt.eva_init after attach; saved with the checkpoint,
+# since a load has no data to redo them from
+DATA_RESIDUAL_INITS = ("corda",)
+RESIDUAL_INITS = (*WEIGHT_INITS, *DATA_RESIDUAL_INITS)  # the base weight holds the residual W - s B0 A0
+DATA_INITS = ("eva", *DATA_RESIDUAL_INITS)  # need dt.eva_init(delta, batches) after attach (deltatune train calls it)
 
 
 def residual_factors(weight: torch.Tensor, r: int, scale: float, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0 (r, in), B0 (out, r)) in float32 from ``weight`` (out, in) for ``how`` in RESIDUAL_INITS."""
+    """(A0 (r, in), B0 (out, r)) in float32 from ``weight`` (out, in) for ``how`` in WEIGHT_INITS."""
     if r > min(weight.shape):
         raise ConfigError(f"lora.r must be <= min(out, in) = {min(weight.shape)} for init={how!r} (it takes r "
                           f"singular / QR directions of a {tuple(weight.shape)} weight), got {r}; lower r")

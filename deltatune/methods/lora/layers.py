@@ -18,7 +18,7 @@ from ...core.inject import DeltaWrapper
 from ...core.merge_on_the_fly import folding_pays, linear_forward
 from ...core.routed_fold import routed_forward
 from .config import LoRA
-from .inits import RESIDUAL_INITS, residual_factors
+from .inits import DATA_RESIDUAL_INITS, RESIDUAL_INITS, WEIGHT_INITS, residual_factors
 
 
 class LoRALinear(DeltaWrapper):
@@ -44,10 +44,14 @@ class LoRALinear(DeltaWrapper):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.rslora = cfg.rslora
         self.residual = cfg.init in RESIDUAL_INITS
-        if self.residual:
+        self.saves_start = cfg.init in DATA_RESIDUAL_INITS  # A0, B0 come from data: the checkpoint must hold them
+        if cfg.init in WEIGHT_INITS:
             self._start_from_weight(cfg.init)
         else:
             init_a(self.lora_A, cfg.init)
+        if self.saves_start:  # a zero start (B0 A0 = 0, W untouched) until dt.eva_init sets it from data
+            self.register_buffer("init_A", torch.zeros_like(self.lora_A, requires_grad=False), persistent=False)
+            self.register_buffer("init_B", torch.zeros_like(self.lora_B, requires_grad=False), persistent=False)
 
     @staticmethod
     def features(layer: nn.Module) -> tuple[int, int]:
@@ -65,6 +69,29 @@ class LoRALinear(DeltaWrapper):
         self.register_buffer("init_B", self.lora_B.detach().clone(), persistent=False)
         update = (b0 @ a0) * self.scale
         weight.sub_((update.T if conv1d else update).to(weight.dtype))
+
+    @torch.no_grad()
+    def move_start(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """CorDA (corda.py) and loading its checkpoint: the start becomes (A0, B0) and the base weight its
+        residual, W <- W + s B0' A0' - s B0 A0 (B0' A0' the previous start, zero after attach). A and B are set
+        to the start too; a load then overwrites them with the trained ones."""
+        weight = self.base_layer().weight
+        conv1d = isinstance(self, LoRAConv1D)
+        change = (self.init_B.float() @ self.init_A.float() - b0.float() @ a0.float()) * self.scale
+        weight.add_((change.T if conv1d else change).to(weight.dtype))
+        for name, value in (("init_A", a0), ("init_B", b0), ("lora_A", a0), ("lora_B", b0)):
+            getattr(self, name).copy_(value)
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        state = super().saved_state()
+        if self.saves_start:
+            state.update(init_A=self.init_A.detach(), init_B=self.init_B.detach())
+        return state
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.saves_start:
+            self.move_start(state["init_A"], state["init_B"])
+        super().load_saved_state({k: v for k, v in state.items() if k not in ("init_A", "init_B")})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sample_scale is not None:  # hard routing at inference: one folded product per group of samples
