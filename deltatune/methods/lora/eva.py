@@ -28,6 +28,7 @@ import torch
 
 from ...core.delta import Delta
 from ...core.errors import ConfigError, StateError
+from .activations import feed
 from .corda import corda_init
 from .inits import RESIDUAL_INITS
 from .layers import LoRALinear
@@ -77,15 +78,7 @@ def eva_init(delta: Delta, batches: Iterable[Mapping[str, Any]]) -> dict[str, fl
     wrappers = _targets(delta)
     grams = {p: None for p in wrappers}
     mask: list[torch.Tensor | None] = [None]
-    hooks = [w.register_forward_pre_hook(_accumulate(grams, p, mask)) for p, w in wrappers.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask[0] = batch.get("attention_mask")
-                delta.model(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    feed(delta, wrappers, lambda p: _accumulate(grams, p, mask), batches, mask)
     if any(g is None for g in grams.values()):
         raise ConfigError("dt.eva_init got no batch (or the batches never reached the LoRA layers); pass an "
                           "iterable of model inputs, e.g. [tokenizer(texts, return_tensors='pt', padding=True)]")
