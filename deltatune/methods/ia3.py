@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core import quant
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, StateError
 from ..core.inject import Attachment, DeltaWrapper, wrap_module
@@ -67,8 +66,7 @@ class IA3Linear(DeltaWrapper):
         in_features, out_features = features(layer)
         self.on_input = on_input
         self.conv1d = not isinstance(layer, nn.Linear)  # Conv1D stores its weight as (in, out)
-        self.l = nn.Parameter(torch.ones(in_features if on_input else out_features,
-                                         dtype=quant.compute_dtype(layer), device=layer.weight.device))
+        self.l = nn.Parameter(torch.ones(in_features if on_input else out_features, **self.tensor_options()))
 
     def _rescale(self, t: torch.Tensor) -> torch.Tensor:
         if self.sample_scale is None and self.gate_scale is None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core import onednn, quant
+from ...core import onednn
 from ...core.inject import DeltaWrapper
 from ...core.merge_on_the_fly import folding_pays, linear_forward
 from ...core.routed_fold import routed_forward
@@ -36,8 +36,7 @@ class LoRALinear(DeltaWrapper):
         super().__init__(base)
         layer = self.base_layer()
         in_features, out_features = self.features(layer)
-        # a quantized base stores integers: the factors train in the layer's compute dtype (as QLoRA)
-        options = {"dtype": quant.compute_dtype(layer), "device": layer.weight.device}
+        options = self.tensor_options()  # a quantized base stores integers: the factors train in its compute dtype
         self.r, self.alpha, self.scale = r, alpha, cfg.scaling(r, alpha)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **options))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **options))
