@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from proc_memory import reset_peak, status_mib  # bench/ is on sys.path: scripts run as python bench/X.py
+from proc_memory import overall_peak, reset_peak, status_mib  # bench/ is on sys.path: scripts run as python bench/X.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "deltatune" / "data"
@@ -145,10 +145,6 @@ def _versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "trl": trl.__version__}
-
-
-def overall_peak(row: dict) -> float:
-    return max(row["loaded_peak_mib"], row["train_peak_mib"])
 
 
 def pair(configs: list[str], rounds: int, steps: int, warmup: int, out: Path) -> None:

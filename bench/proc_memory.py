@@ -15,3 +15,8 @@ def status_mib(key: str) -> float:
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+
+
+def overall_peak(row: dict) -> float:
+    """A benchmark row's process peak: loading (before the reset) or training, whichever was higher."""
+    return max(row["loaded_peak_mib"], row["train_peak_mib"])

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from proc_memory import reset_peak, status_mib  # bench/ is on sys.path: scripts run as python bench/X.py
+from proc_memory import overall_peak, reset_peak, status_mib  # bench/ is on sys.path: scripts run as python bench/X.py
 
 CACHE = Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune") / "bench"
 SHAPE = {"hidden_size": 1536, "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 4,
@@ -179,11 +179,6 @@ def _versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "bitsandbytes": bitsandbytes.__version__}
-
-
-def overall_peak(row: dict) -> float:
-    """The process's peak: loading (before the reset) or training, whichever was higher."""
-    return max(row["loaded_peak_mib"], row["train_peak_mib"])
 
 
 def pair(configs: list[str], rounds: int, steps: int, warmup: int, path: Path, out: Path) -> None:
