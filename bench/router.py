@@ -88,7 +88,8 @@ def router_dir(out: Path, features: str) -> Path:
     return out / ("router" if features == "embeddings" else f"router_{features}")
 
 
-def latency(out: Path, rounds: int, batch_size: int, features: str = "embeddings") -> dict[str, Any]:
+def latency(out: Path, rounds: int, batch_size: int, features: str = "embeddings", threads: int = 1
+            ) -> dict[str, Any]:
     """Seconds per forward of one mixed batch, paired rounds (each round times every variant, order rotating):
     the router on (it reads its features and routes), dt.route with the routes given, and the peers: the same
     model with only one delta on (``dt.active``), and a second copy of the base model with that one LoRA
@@ -97,6 +98,7 @@ def latency(out: Path, rounds: int, batch_size: int, features: str = "embeddings
     from deltatune.train.models import load_model, load_tokenizer
     from deltatune.train.router_job import _forward_kwargs, batches_of, check_runs, load_router_config, task_data
 
+    torch.set_num_threads(threads)
     run = router_dir(out, features)
     cfg = load_router_config(run / "config.yaml")
     configs = check_runs(cfg)
@@ -136,7 +138,7 @@ def latency(out: Path, rounds: int, batch_size: int, features: str = "embeddings
     def ratios(a: str, b: str) -> list[float]:
         return sorted(x / y for x, y in zip(times[a], times[b], strict=True))
 
-    result = {"batch_size": batch_size, "padded_length": int(batch["input_ids"].shape[1]),
+    result = {"threads": threads, "batch_size": batch_size, "padded_length": int(batch["input_ids"].shape[1]),
               "tokens": int(batch["attention_mask"].sum()), "rounds": rounds, "features": router.features,
               "load_average": [min(loads), statistics.median(loads), max(loads)],
               **{f"{name}_ms_median": 1000 * statistics.median(t) for name, t in times.items()}}
@@ -207,17 +209,24 @@ def table(results: dict[str, Any]) -> str:
                      f"{row['routed'] - row['oracle']:+.4f} | {accuracy} | {row['router_accuracy']:.4f} | "
                      f"{row['same_prediction']:.4f} | {_cell(union.get('scores', {}).get(task))} | "
                      f"{_cell(union.get('accuracy', {}).get(task))} |")
-    lat = results.get("latency")
-    if lat and "routed_over_single" in lat:
-        lines.append(f"\nrouting cost ({lat['features']} features), batch of {lat['batch_size']} mixed examples padded "
-                     f"to {lat['padded_length']} ({lat['tokens']} tokens), {lat['rounds']} paired rounds, load "
+    for key in sorted(k for k in results if k.startswith("latency")):
+        lines += latency_lines(results[key])
+    return "\n".join(lines)
+
+
+def latency_lines(lat: dict[str, Any]) -> list[str]:
+    lines = []
+    if "routed_over_single" in lat:
+        lines.append(f"\nrouting cost ({lat['features']} features, {lat.get('threads', '?')} threads), batch of "
+                     f"{lat['batch_size']} mixed examples padded to {lat['padded_length']} ({lat['tokens']} tokens), "
+                     f"{lat['rounds']} paired rounds, load "
                      f"{lat['load_average']}: routed {lat['routed_ms_median']:.1f} ms, one delta on "
                      f"{lat['single_ms_median']:.1f} ms, one LoRA attached {lat['one_attached_ms_median']:.1f} ms")
         for key in ("routed_over_single", "routed_over_one_attached", "known_routes_over_single",
                     "single_over_one_attached"):
             r = lat[key]
             lines.append(f"- {key}: median {r['median']:.3f} (p10 {r['p10']:.3f}, p90 {r['p90']:.3f})")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -232,6 +241,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None, help="router.hidden")
     parser.add_argument("--features", default="embeddings", help="router.features: embeddings or hidden")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency step")
+    parser.add_argument("--latency-key", default="", help="suffix of the latency entry in the results (_2threads)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
@@ -241,7 +252,8 @@ def main() -> None:
                                     for t, s in train_tasks(args.examples, args.out, args.eval_examples).items()}},
         "route": lambda: dict(zip(("router", "eval"),
                                   route(args.out, args.samples_per_run, args.hidden, args.features), strict=True)),
-        "latency": lambda: {"latency": latency(args.out, args.rounds, args.batch_size, args.features)},
+        "latency": lambda: {f"latency{args.latency_key}": latency(args.out, args.rounds, args.batch_size,
+                                                                   args.features, args.threads)},
         "union": lambda: {"union": union_baseline(args.examples, args.out, args.eval_examples)},
     }
     for name, step in steps.items():

@@ -1,6 +1,6 @@
 """Routed forward vs one delta on MiniLM with three random LoRA deltas (deltatune's default LoRA), paired rounds.
 
-    python bench/router_profile.py BATCH SEQ [--prof]   # --prof: torch.profiler tables for both
+    python bench/router_profile.py BATCH SEQ [--sorted] [--prof]   # --prof: torch.profiler tables for both
 
 Random token ids (lengths cut at random, so the batch is padded), routes sst2, mrpc, cola in turn; one thread.
 BENCHMARKS.md "Learned routing" quotes it next to bench/router.py's latency step.
@@ -42,6 +42,8 @@ def main() -> None:
         mask[i, int(torch.randint(length // 3, length + 1, ())):] = 0
     batch = {"input_ids": ids, "attention_mask": mask}
     routes = [names[i % 3] for i in range(size)]
+    if "--sorted" in sys.argv:  # as the router orders a batch (compose/batch_order.py): each delta's samples together
+        routes = sorted(routes, key=names.index)
     variants = {"routed": lambda: dt.route(model, routes), "single": lambda: dt.active(model, "sst2")}
 
     def timed(context) -> float:

@@ -39,6 +39,7 @@ from ..core.delta import Delta, deltas_of
 from ..core.errors import CheckpointError, CheckpointNotFoundError, ConfigError, StateError
 from ..core.inject import DeltaWrapper
 from ..methods.prompt import cache_length
+from .batch_order import BatchOrder
 from .named import check_switchable, get_delta, restore, snapshot
 from .routing import check_routable, route
 
@@ -117,6 +118,7 @@ class Router:
                             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self._weights: torch.Tensor | None = None  # the last choice, kept through cached generation
         self._states: list = []
+        self._orders: list[BatchOrder | None] = []  # per routed call in progress: how its batch was sorted
         self._handles: list = []
 
     # -- what it computes --------------------------------------------------------------------------------
@@ -243,17 +245,32 @@ class Router:
             self._weights = logits.softmax(-1) if self.mode == "soft" else logits.detach()
         self._states.append(snapshot(self.model))
         if self.mode == "hard":
-            route(self.model, [self.names[i] for i in self._weights.argmax(-1).tolist()])
-            return
+            return self._route_sorted(inputs, self._weights.argmax(-1).tolist())
         check_switchable(self.model)
         for delta in deltas_of(self.model).values():
             delta.set_active(delta.name in self.names)
             for m in delta.modules():
                 m.sample_scale = self._weights[:, self.names.index(delta.name)] if delta.name in self.names else None
 
-    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._states and not self._reading:
-            restore(self._states.pop())
+    def _route_sorted(self, inputs: dict[str, Any], choice: list[int]) -> tuple[tuple, dict] | None:
+        """Route the call, its batch sorted by route where that is possible and useful (compose/batch_order.py:
+        why); the order is undone on the output by ``_after``."""
+        order = BatchOrder.for_routes(choice) if not torch.is_grad_enabled() else None
+        sorted_inputs = order.inputs(inputs) if order is not None else None
+        if sorted_inputs is None:
+            self._orders.append(None)
+            route(self.model, [self.names[i] for i in choice])
+            return None
+        self._orders.append(order)
+        route(self.model, [self.names[i] for i in order.sort(choice)])
+        return (), sorted_inputs
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._reading or not self._states:
+            return None
+        restore(self._states.pop())
+        order = self._orders.pop() if self.mode == "hard" and self._orders else None
+        return None if order is None else order.outputs(output)
 
     def enable(self) -> Router:
         """Route every forward call of the model from now on (until ``disable``)."""

@@ -64,8 +64,13 @@ def check_routable(delta: Delta) -> None:
 
 
 def _device(delta: Delta) -> torch.device:
-    for param in delta.parameters().values():
-        return param.device
+    """Where the delta's tensors are: its first one (read lazily: this runs on every routed call)."""
+    for att in delta.attachments:
+        for module in att.modules.values():
+            for _, param in module.own_parameters():
+                return param.device
+        for param in att.existing.values():
+            return param.device
     return torch.device("cpu")
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import onednn
 from .inject import DeltaWrapper
 from .layers import linear_types
 from .merge_on_the_fly import linear_forward
@@ -58,10 +59,14 @@ def selection(mask: torch.Tensor) -> tuple[bool, ...] | None:
     return entry[1] if entry is not None and entry[0]() is mask else None
 
 
+Rows = torch.Tensor | slice | None
+
+
 def sample_groups(masks: tuple[torch.Tensor, ...], device: torch.device
-                  ) -> list[tuple[tuple[int, ...], torch.Tensor | None]] | None:
+                  ) -> list[tuple[tuple[int, ...], Rows]] | None:
     """The batch split by which of ``masks`` (hard) select each sample: [(mask indices, rows)], rows None when
-    the group is the whole batch. None when a mask is not hard."""
+    the group is the whole batch, a slice when its samples are consecutive (a batch sorted by route:
+    ``compose/batch_order.py``), else their indices. None when a mask is not hard."""
     last_masks, last_groups = _LAST
     if len(last_masks) == len(masks) and all(a is b for a, b in zip(last_masks, masks, strict=True)):
         return last_groups
@@ -72,9 +77,17 @@ def sample_groups(masks: tuple[torch.Tensor, ...], device: torch.device
     rows: dict[tuple[int, ...], list[int]] = {}
     for i, key in enumerate(keys):
         rows.setdefault(key, []).append(i)
-    groups = [(key, None if len(r) == len(keys) else torch.tensor(r, device=device)) for key, r in rows.items()]
+    groups = [(key, _rows(r, len(keys), device)) for key, r in rows.items()]
     _LAST[:] = [masks, groups]
     return groups
+
+
+def _rows(rows: list[int], batch: int, device: torch.device) -> Rows:
+    if len(rows) == batch:
+        return None
+    if rows[-1] - rows[0] + 1 == len(rows):  # increasing, so consecutive
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
 
 
 def _chain(outer: DeltaWrapper) -> tuple[list[DeltaWrapper], nn.Module] | None:
@@ -116,18 +129,40 @@ def routed_forward(outer: DeltaWrapper, x: torch.Tensor) -> torch.Tensor | None:
         return linear_forward(layer, x, _folded(weight, [on[k] for k in groups[0][0]]), bias)
     out = x.new_empty(*x.shape[:-1], features(layer)[1])
     for (key, rows), part in zip(groups, _gathered(x, groups), strict=True):
-        out.index_copy_(0, rows, linear_forward(layer, part, _folded(weight, [on[k] for k in key]), bias))
+        weight_k = _folded(weight, [on[k] for k in key])
+        if isinstance(rows, slice):  # consecutive samples: a view in, the product written in place
+            _linear_into(out[rows], layer, part, weight_k, bias)
+        else:
+            out.index_copy_(0, rows, linear_forward(layer, part, weight_k, bias))
     return out
 
 
+def _linear_into(out: torch.Tensor, layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+    """``out`` (a slice of the routed output along the batch) = what ``linear_forward`` gives for ``x`` with
+    ``weight``: written there by the product itself where it can be (no copy of the activations)."""
+    if not (x.is_contiguous() and out.is_contiguous()) or (isinstance(layer, nn.Linear) and onednn.routes(layer, x)):
+        out.copy_(linear_forward(layer, x, weight, bias))
+        return
+    flat, target = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    weight = weight.t() if isinstance(layer, nn.Linear) else weight  # Conv1D keeps (in, out)
+    if bias is None:
+        torch.mm(flat, weight, out=target)
+    else:
+        torch.addmm(bias, flat, weight, out=target)
+
+
 def _gathered(x: torch.Tensor, groups: list) -> list[torch.Tensor]:
-    """Each group's rows of ``x`` (copies), reused while the next layer reads the same tensor."""
+    """Each group's rows of ``x``: views for consecutive rows, copies otherwise. The copies are kept while the
+    next layer reads the same tensor (views are not: one would keep ``x`` alive)."""
     last_x, last_groups, parts = _GATHERED
     if last_x() is x and last_groups is groups and x._version == parts[0]:  # unchanged since (in-place ops)
-        return parts[1]
-    gathered = [x.index_select(0, rows) for _, rows in groups]
-    _GATHERED[:] = [weakref.ref(x, _drop_gathered), groups, (x._version, gathered)]
-    return gathered
+        copies = parts[1]
+    else:
+        copies = [None if isinstance(rows, slice) else x.index_select(0, rows) for _, rows in groups]
+        if any(c is not None for c in copies):
+            _GATHERED[:] = [weakref.ref(x, _drop_gathered), groups, (x._version, copies)]
+    return [x[rows] if copy is None else copy for (_, rows), copy in zip(groups, copies, strict=True)]
 
 
 def _drop_gathered(ref: weakref.ref) -> None:

@@ -84,11 +84,17 @@ class Engine:
         return [BASE_NAME, *self.names]
 
     def run(self, kind: str, sampling: Sampling | None, rows: list[Row]) -> list:
-        """One batch: ``classify`` or ``generate`` (the batcher's single entry point)."""
+        """One batch: ``classify`` or ``generate`` (the batcher's single entry point). The rows run grouped by
+        delta, so that each delta's samples are consecutive (routed layers then read views of the batch instead
+        of gathering rows: core/routed_fold.py); results come back in the order of ``rows``."""
         self.mixed_batches += len({r.delta for r in rows}) > 1
-        if kind == "classify":
-            return self.classify(rows)
-        return self.generate(rows, sampling or Sampling())
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].delta is not None, rows[i].delta or ""))
+        grouped = [rows[i] for i in order]
+        found = self.classify(grouped) if kind == "classify" else self.generate(grouped, sampling or Sampling())
+        results: list = [None] * len(rows)
+        for i, result in zip(order, found, strict=True):
+            results[i] = result
+        return results
 
     @torch.no_grad()
     def classify(self, rows: list[Row]) -> list[list[float]]:

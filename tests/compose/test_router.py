@@ -61,7 +61,7 @@ def test_learns_the_domains_and_routes_each_sample_exactly():
     router.disable()
     with dt.route(model, names), torch.no_grad():
         manual = model(input_ids=ids).logits
-    assert torch.equal(routed, manual)
+    assert torch.allclose(routed, manual, atol=1e-6)  # the router sorts the batch by route: another row order
     for i, name in enumerate(names):
         with dt.active(model, name), torch.no_grad():
             assert torch.allclose(routed[i], model(input_ids=ids[i:i + 1]).logits[0], atol=1e-5)

@@ -71,6 +71,22 @@ def test_routed_batch_equals_each_sample_alone(arch, fold_calls):
     assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)  # the deltas do differ
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])  # gpt2: Conv1D's (in, out) weight written through mm's out=
+def test_consecutive_groups_are_read_as_views_and_written_in_place(arch, fold_calls, monkeypatch):
+    """A batch sorted by route (the router sorts it: compose/batch_order.py): no rows gathered or scattered."""
+    routes = sorted(ROUTES, key=lambda r: r or "")
+    gathers = []
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: gathers.append(1))
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda *a, **k: gathers.append(1))
+    model = lora_deltas(arch)
+    mixed = routed(model, routes, input_ids=IDS)
+    monkeypatch.undo()
+    assert fold_calls and all(fold_calls) and not gathers
+    for name in dict.fromkeys(routes):
+        rows = [i for i, r in enumerate(routes) if r == name]
+        assert torch.allclose(mixed[rows], alone(model, name, input_ids=IDS)[rows], atol=1e-5, rtol=0), name
+
+
 def test_padding_and_all_samples_on_one_delta(fold_calls):
     model = lora_deltas("bert")
     mask = torch.ones_like(IDS)

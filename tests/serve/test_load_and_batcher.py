@@ -29,7 +29,8 @@ def test_load_engine_holds_the_base_once_with_every_named_delta(tmp_path):
     engine, _ = load_engine(str(tmp_path / "base"), {n: str(tmp_path / n) for n in DELTAS})
 
     assert engine.task == "causal_lm" and engine.names == sorted(DELTAS)
-    rows = [Row("cola", [1, 5, 6, 7], 6), Row(None, [1, 9], 6), Row("sst2", [1, 20, 21], 6)]
+    rows = [Row("cola", [1, 5, 6, 7], 6), Row(None, [1, 9], 6), Row("sst2", [1, 20, 21], 6),
+            Row("cola", [1, 30], 6), Row(None, [1, 11, 12], 6)]  # run grouped by delta, answered in this order
     got = engine.run("generate", Sampling(), rows)
     for row, out in zip(rows, got, strict=True):
         with torch.no_grad(), dt.active(reference, row.delta):
