@@ -95,6 +95,10 @@ bench-router: install  ## three task LoRAs (SST-2, MRPC, CoLA), a router, routed
 	$(PY) bench/router.py all --examples 2000
 	$(PY) bench/router.py route --features hidden --results bench/results/router_hidden.json
 	$(PY) bench/router.py latency --features hidden --results bench/results/router_hidden.json
+	$(PY) bench/router.py latency --threads 2 --latency-key _2threads
+	$(PY) bench/router.py route --features tokens --samples-per-run 70000 --epochs 300 --learning-rate 0.05 \
+		--results bench/results/router_tokens.json
+	$(PY) bench/router.py latency --features tokens --results bench/results/router_tokens.json
 
 .PHONY: bench-gguf
 bench-gguf: install  ## dt.export_gguf vs the real SmolLM2 GGUF and llama.cpp (builds llama-cpp-python: slow; not in CI)

@@ -70,14 +70,14 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def route(out: Path, samples: int, hidden: int | None, features: str = "embeddings"
-          ) -> tuple[dict[str, Any], dict[str, Any]]:
+def route(out: Path, samples: int, hidden: int | None, features: str = "embeddings", epochs: int = 100,
+          learning_rate: float = 0.01) -> tuple[dict[str, Any], dict[str, Any]]:
     """The router job and its evaluation, as ``deltatune train router.yaml`` / ``deltatune eval`` run them."""
     from deltatune.train.router_job import RouterRunConfig, evaluate_router_run, train_router
 
     cfg = RouterRunConfig.model_validate({
         "router": {"runs": {t: str(out / t) for t in TASKS}, "samples_per_run": samples, "mode": "hard",
-                   "hidden": hidden, "features": features},
+                   "hidden": hidden, "features": features, "epochs": epochs, "learning_rate": learning_rate},
         "train": {"num_threads": 1}, "output_dir": str(router_dir(out, features)), "run_name": "router"})
     summary = train_router(cfg, overwrite=True)
     return summary, evaluate_router_run(router_dir(out, features))
@@ -239,7 +239,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--samples-per-run", type=int, default=1000, help="router.samples_per_run")
     parser.add_argument("--hidden", type=int, default=None, help="router.hidden")
-    parser.add_argument("--features", default="embeddings", help="router.features: embeddings or hidden")
+    parser.add_argument("--features", default="embeddings", help="router.features: embeddings, hidden or tokens")
+    parser.add_argument("--epochs", type=int, default=100, help="router.epochs")
+    parser.add_argument("--learning-rate", type=float, default=0.01, help="router.learning_rate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the latency step")
     parser.add_argument("--latency-key", default="", help="suffix of the latency entry in the results (_2threads)")
@@ -251,7 +253,8 @@ def main() -> None:
         "tasks": lambda: {"tasks": {t: {k: s[k] for k in ("best_metric", "steps", "train_time_s", "methods")}
                                     for t, s in train_tasks(args.examples, args.out, args.eval_examples).items()}},
         "route": lambda: dict(zip(("router", "eval"),
-                                  route(args.out, args.samples_per_run, args.hidden, args.features), strict=True)),
+                                  route(args.out, args.samples_per_run, args.hidden, args.features, args.epochs,
+                                        args.learning_rate), strict=True)),
         "latency": lambda: {f"latency{args.latency_key}": latency(args.out, args.rounds, args.batch_size,
                                                                    args.features, args.threads)},
         "union": lambda: {"union": union_baseline(args.examples, args.out, args.eval_examples)},

@@ -3,7 +3,7 @@
     python bench/router_profile.py BATCH SEQ [--sorted] [--prof]   # --prof: torch.profiler tables for both
 
 Random token ids (lengths cut at random, so the batch is padded), routes sst2, mrpc, cola in turn; one thread.
-BENCHMARKS.md "Learned routing" quotes it next to bench/router.py's latency step.
+A profiling aid for core/routed_fold.py; the numbers BENCHMARKS.md "Learned routing" reports come from bench/router.py.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ On every forward call it reads features of the input from the frozen model (``fe
 - ``"hidden"``: the attention-masked mean of the frozen base model's last hidden states (every delta off): one
   more forward pass of the model's body per call (about twice one delta's latency), for inputs whose words
   alone do not say which delta they need (BENCHMARKS.md, "Learned routing": accuracy against cost);
+- ``"tokens"``: a bag of the input's token ids and of its pairs of neighbouring ids (hashed into
+  ``bigram_buckets``), each with its own learned score per delta (a fastText-like linear classifier,
+  ``TokenBag``): the cheapest at inference (a lookup of ``len(names)`` numbers per token), and the one that keeps
+  learning from more routing data (tens of thousands of samples, fitted in a minute or two);
 and
 - ``mode="hard"`` (default): picks one delta per sample and routes the batch with ``dt.route``, so each sample
   gets exactly what its delta gives alone; works for every routable method, prefix and prompt tuning included;
@@ -44,9 +48,10 @@ from .named import check_switchable, get_delta, restore, snapshot
 from .routing import check_routable, route
 
 MODES = ("hard", "soft")
-FEATURES = ("embeddings", "hidden")
+FEATURES = ("embeddings", "hidden", "tokens")
 # what each feature kind is called in router.json (format 1 wrote the first one before ``features`` existed)
-FEATURE_NAMES = {"embeddings": "mean input embedding", "hidden": "mean last hidden state of the base model"}
+FEATURE_NAMES = {"embeddings": "mean input embedding", "hidden": "mean last hidden state of the base model",
+                 "tokens": "bag of input tokens"}
 BODY_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "inputs_embeds")
 CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 FORMAT_VERSION = 1
@@ -71,11 +76,64 @@ def _body(model: nn.Module) -> nn.Module:
     return body
 
 
-def _check_deltas(model: nn.Module, names: Sequence[str], mode: str, features: str = "embeddings") -> list[Delta]:
+BIGRAM_BUCKETS = 1 << 18  # hashed pairs of neighbouring tokens; 0: single tokens only
+_BIGRAM_PRIME = 1_000_003
+
+
+class TokenBag(nn.Module):
+    """Scores per delta from the bag of a sample's tokens and token pairs: the mean of one learned vector
+    (len(names) numbers) per token id and per pair bucket, plus a bias. Inputs are flat: the bag ids of all
+    samples one after another (``token_bags``) and where each sample starts."""
+
+    def __init__(self, vocab: int, outputs: int, bigram_buckets: int = BIGRAM_BUCKETS) -> None:
+        super().__init__()
+        self.vocab, self.bigram_buckets = vocab, bigram_buckets
+        self.scores = nn.EmbeddingBag(vocab + bigram_buckets, outputs, mode="mean")
+        self.bias = nn.Parameter(torch.zeros(outputs))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.scores.weight)  # no token says anything before fit
+        nn.init.zeros_(self.bias)
+
+    def forward(self, bags: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, offsets = bags
+        return self.scores(ids, offsets) + self.bias
+
+
+def token_bags(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab: int, bigram_buckets: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the bag ids of all samples, one after another; where each sample starts). A sample's bag: its attended
+    token ids, and for each two neighbouring attended tokens a bucket id past the vocabulary (left or right
+    padding alike: a pair counts where both of its tokens are attended)."""
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if bigram_buckets:
+        pairs = vocab + (input_ids[:, :-1] * _BIGRAM_PRIME + input_ids[:, 1:]) % bigram_buckets
+        input_ids = torch.cat([input_ids, pairs], 1)
+        keep = torch.cat([keep, keep[:, :-1] & keep[:, 1:]], 1)
+    counts = keep.sum(1)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    return input_ids[keep], offsets
+
+
+def _join_bags(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, offsets, start = [], [], 0
+    for part_ids, part_offsets in parts:
+        ids.append(part_ids)
+        offsets.append(part_offsets + start)
+        start += len(part_ids)
+    return torch.cat(ids), torch.cat(offsets)
+
+
+def _check_deltas(model: nn.Module, names: Sequence[str], mode: str, features: str = "embeddings",
+                  hidden: int | None = None) -> list[Delta]:
     if mode not in MODES:
         raise ConfigError(f"router mode must be one of {MODES}, got {mode!r}")
     if features not in FEATURES:
         raise ConfigError(f"router features must be one of {FEATURES}, got {features!r}")
+    if features == "tokens" and hidden:
+        raise ConfigError("router features='tokens' is a linear bag of tokens (one score per token and delta); "
+                          "hidden layers apply to features='embeddings' or 'hidden': drop hidden, or change features")
     if isinstance(names, str) or len(names) < 2 or len(set(names)) != len(names):
         raise ConfigError(f"a router chooses among at least two distinct named deltas, got {names!r}")
     deltas = [get_delta(model, n) for n in names]
@@ -97,8 +155,8 @@ class Router:
     """Chooses, for every sample of every forward call, which named delta (hard) or what mix (soft) runs."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], mode: str = "hard", hidden: int | None = None,
-                 features: str = "embeddings") -> None:
-        _check_deltas(model, names, mode, features)
+                 features: str = "embeddings", bigram_buckets: int = BIGRAM_BUCKETS) -> None:
+        _check_deltas(model, names, mode, features, hidden)
         self.model, self.names, self.mode, self.hidden, self.features = model, list(names), mode, hidden, features
         embeddings = _embedding_layer(model)
         width = embeddings.embedding_dim
@@ -108,9 +166,13 @@ class Router:
             self._body_inputs = set(inspect.signature(body.forward).parameters) & set(BODY_INPUTS)
         self.fit_accuracy: float | None = None  # share of its training samples routed right, set by fit
         self._reading = False  # True while the hidden features run the body (a bare body is the model itself)
-        layers = [nn.Linear(width, len(names))] if not hidden else [
-            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, len(names))]
-        self.classifier = nn.Sequential(*layers).to(embeddings.weight.device)
+        if features == "tokens":
+            self.classifier = TokenBag(embeddings.num_embeddings, len(names), bigram_buckets).to(
+                embeddings.weight.device)
+        else:
+            layers = [nn.Linear(width, len(names))] if not hidden else [
+                nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, len(names))]
+            self.classifier = nn.Sequential(*layers).to(embeddings.weight.device)
         # feature standardisation, set by fit(): the mean embedding has a large shared component
         self.mean = torch.zeros(width, device=embeddings.weight.device)
         self.std = torch.ones(width, device=embeddings.weight.device)
@@ -127,7 +189,12 @@ class Router:
 
     @torch.no_grad()
     def _raw_features(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                      inputs_embeds: torch.Tensor | None, **inputs: Any) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None, **inputs: Any) -> torch.Tensor | tuple:
+        if self.features == "tokens":
+            if input_ids is None:
+                raise StateError("a router with features='tokens' reads token ids, but this call passes only "
+                                 "inputs_embeds; pass input_ids, or use features='embeddings'")
+            return token_bags(input_ids, attention_mask, self.classifier.vocab, self.classifier.bigram_buckets)
         if self.features == "hidden":
             states = self._last_hidden(input_ids=input_ids, attention_mask=attention_mask,
                                        inputs_embeds=inputs_embeds, **inputs)
@@ -157,7 +224,13 @@ class Router:
                inputs_embeds: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
         """(batch, len(names)) scores from the input's features (``inputs``: e.g. token_type_ids, which the
         hidden features pass to the model)."""
-        features = self._raw_features(input_ids, attention_mask, inputs_embeds, **inputs)
+        return self._scores(self._raw_features(input_ids, attention_mask, inputs_embeds, **inputs))
+
+    def _scores(self, features: torch.Tensor | tuple) -> torch.Tensor:
+        """The classifier on features as ``_raw_features`` reads them (token bags as they are, vectors
+        standardised)."""
+        if self.features == "tokens":
+            return self.classifier(features)
         return self.classifier((features - self.mean) / self.std)
 
     def predict(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -173,7 +246,7 @@ class Router:
         return None if self._weights is None else [self.names[i] for i in self._weights.argmax(-1).tolist()]
 
     # -- training ----------------------------------------------------------------------------------------
-    def _labelled(self, batches: Iterable[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _labelled(self, batches: Iterable[dict[str, Any]]) -> tuple[torch.Tensor | tuple, torch.Tensor]:
         features, targets = [], []
         for batch in batches:
             labels = batch.get("route")
@@ -186,7 +259,8 @@ class Router:
             targets.append(self._indices(labels))
         if not features:
             raise ConfigError("router.fit got no batches")
-        return torch.cat(features), torch.cat(targets).to(features[0].device)
+        targets = torch.cat(targets).to(self.mean.device)
+        return (_join_bags(features) if self.features == "tokens" else torch.cat(features)), targets
 
     def _indices(self, labels: torch.Tensor | Sequence[str | int]) -> torch.Tensor:
         if isinstance(labels, torch.Tensor):
@@ -201,33 +275,39 @@ class Router:
         """Train the classifier on samples labelled with their delta (``batch["route"]``: names or indices).
 
         The features are computed once and fixed, so each epoch is one full-batch step on (samples x width):
-        cheap. Returns the loss of every epoch."""
+        cheap. Each delta's samples weigh in inversely to their number, so a task with more routing data does
+        not pull the choice towards itself. Returns the loss of every epoch."""
         features, targets = self._labelled(batches)
-        self.mean = features.mean(0)
-        self.std = features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(self.mean)
-        x = (features - self.mean) / self.std
+        if self.features != "tokens":
+            self.mean = features.mean(0)
+            self.std = features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(self.mean)
         torch.manual_seed(seed)
-        for layer in self.classifier:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
+        if isinstance(self.classifier, TokenBag):
+            self.classifier.reset_parameters()
+        else:
+            for layer in self.classifier:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+        counts = torch.bincount(targets, minlength=len(self.names)).clamp_min(1).float()
+        balance = counts.sum() / (len(self.names) * counts)
         optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=lr, weight_decay=weight_decay)
         losses = []
         with torch.enable_grad():
             for _ in range(epochs):
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(self.classifier(x), targets)
+                loss = nn.functional.cross_entropy(self._scores(features), targets, weight=balance)
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
         with torch.no_grad():  # on the features already read: the hidden ones cost a forward pass each
-            self.fit_accuracy = float((self.classifier(x).argmax(-1) == targets).float().mean())
+            self.fit_accuracy = float((self._scores(features).argmax(-1) == targets).float().mean())
         return losses
 
     def accuracy(self, batches: Iterable[dict[str, Any]]) -> float:
         """Share of samples routed to the delta they are labelled with."""
         features, targets = self._labelled(batches)
         with torch.no_grad():
-            chosen = self.classifier((features - self.mean) / self.std).argmax(-1)
+            chosen = self._scores(features).argmax(-1)
         return float((chosen == targets).float().mean())
 
     # -- routing the model's forward calls ------------------------------------------------------------------
@@ -304,6 +384,8 @@ class Router:
         """Write router.safetensors + router.json atomically (the deltas are saved with ``dt.save_all``)."""
         meta = {"format_version": FORMAT_VERSION, "names": self.names, "mode": self.mode, "hidden": self.hidden,
                 "features": FEATURE_NAMES[self.features], "base_model": fingerprint(self.model)}
+        if isinstance(self.classifier, TokenBag):
+            meta["bigram_buckets"] = self.classifier.bigram_buckets
         with atomic_directory(Path(directory)) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, tmp / WEIGHTS_FILE)
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -323,18 +405,19 @@ class Router:
 
 
 def attach_router(model: nn.Module, names: Sequence[str], mode: str = "hard", hidden: int | None = None,
-                  enable: bool = True, features: str = "embeddings") -> Router:
+                  enable: bool = True, features: str = "embeddings", bigram_buckets: int = BIGRAM_BUCKETS) -> Router:
     """Put a learned router over the named deltas ``names`` in front of ``model`` (train it with ``fit``).
 
     ``hidden``: None for a linear router on the features, or the width of one hidden layer.
-    ``features``: "embeddings" (mean input embedding, cheap) or "hidden" (mean last hidden state of the frozen
-    model: one more forward of its body per call, more accurate; see the module docstring).
+    ``features``: "embeddings" (mean input embedding, cheap), "hidden" (mean last hidden state of the frozen
+    model: one more forward of its body per call) or "tokens" (a bag of token ids and of neighbouring pairs,
+    hashed into ``bigram_buckets``; 0: single tokens only); see the module docstring.
     Raises StateError for a name that is not attached, deltas of another base model, a method that cannot be
     routed per sample (BitFit), or soft mode over prefix / prompt deltas; ConfigError for fewer than 2 names.
     """
     if "_deltatune_router" in model.__dict__:
         raise StateError("this model already has a router; call router.detach() before attaching another")
-    router = Router(model, names, mode, hidden, features)
+    router = Router(model, names, mode, hidden, features, bigram_buckets)
     model.__dict__["_deltatune_router"] = router
     return router.enable() if enable else router
 
@@ -348,6 +431,7 @@ def load_router(model: nn.Module, directory: str | os.PathLike, enable: bool = T
     try:
         meta = json.loads(path.read_text())
         names, mode, hidden = list(meta["names"]), meta["mode"], meta.get("hidden")
+        buckets = int(meta.get("bigram_buckets", 0))
         features = {v: k for k, v in FEATURE_NAMES.items()}[meta.get("features", FEATURE_NAMES["embeddings"])]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid router description ({e})") from e
@@ -355,7 +439,7 @@ def load_router(model: nn.Module, directory: str | os.PathLike, enable: bool = T
         raise CheckpointError(f"{path} was written by a newer deltatune (router format "
                               f"{meta['format_version']}); upgrade deltatune to load it")
     check_fingerprint(meta.get("base_model", {}), model, directory)
-    router = attach_router(model, names, mode, hidden, enable=False, features=features)
+    router = attach_router(model, names, mode, hidden, enable=False, features=features, bigram_buckets=buckets)
     try:
         router.load_state_dict(load_safetensors(directory / WEIGHTS_FILE), directory)
     except BaseException:

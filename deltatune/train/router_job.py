@@ -9,7 +9,9 @@ shared base model, and a router (compose/router.py) learns to tell the runs' inp
       mode: hard              # hard: one delta per sample; soft: a softmax mix (LoRA-like, adapters)
       hidden: null            # null: a linear router; N: one hidden layer of width N
       features: embeddings    # embeddings: mean input embedding (cheap); hidden: the frozen model's mean
-                              # last hidden state (one more forward per call, more accurate)
+                              # last hidden state (one more forward per call); tokens: a bag of token ids
+                              # (cheapest; needs many samples_per_run, learns more from them)
+      bigram_buckets: 262144  # features=tokens: neighbouring token pairs hashed into N buckets; 0: none
       epochs: 100             # full-batch steps on the fixed features
       learning_rate: 0.01
     train: {eval_batch_size: 64, num_threads: null}
@@ -36,12 +38,12 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
 from torch import nn
 
 from ..api import load
 from ..compose.named import active, load_all, save_all
-from ..compose.router import Router, attach_router, load_router
+from ..compose.router import BIGRAM_BUCKETS, Router, attach_router, load_router
 from ..core.checkpoint import CONFIG_FILE
 from ..core.errors import ConfigError
 from .batches import Encoded
@@ -59,10 +61,11 @@ METRICS = ("accuracy", "f1", "mcc")
 
 class RouterSection(Section):
     runs: dict[str, str]                     # delta name -> finished run directory (its best/ checkpoint)
-    samples_per_run: PositiveInt = 1000      # first N training examples per run; more: slower fit, rarely better
+    samples_per_run: PositiveInt = 1000      # first N training examples per run; features=tokens gains from many
     mode: Literal["hard", "soft"] = "hard"   # hard: exact per-sample routing, any routable method; soft: a mix
     hidden: PositiveInt | None = None        # None: linear on the features; N: one hidden layer (non-linear)
-    features: Literal["embeddings", "hidden"] = "embeddings"  # what the router reads: cost vs accuracy
+    features: Literal["embeddings", "hidden", "tokens"] = "embeddings"  # what the router reads: cost vs accuracy
+    bigram_buckets: NonNegativeInt = BIGRAM_BUCKETS  # features=tokens: hashed token pairs; 0: single tokens
     epochs: PositiveInt = 100                # full-batch optimizer steps on fixed features (cheap)
     learning_rate: PositiveFloat = 0.01
 
@@ -243,7 +246,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def fit_router(cfg: RouterRunConfig, model: nn.Module, train_sets: dict[str, Encoded], pad_id: int) -> Router:
     """Attach a router over the runs' deltas and fit it on their training texts, labelled with the run's name."""
     r = cfg.router
-    router = attach_router(model, list(r.runs), mode=r.mode, hidden=r.hidden, features=r.features)
+    router = attach_router(model, list(r.runs), mode=r.mode, hidden=r.hidden, features=r.features,
+                           bigram_buckets=r.bigram_buckets)
     router.fit(batches_of(train_sets, cfg.train.eval_batch_size, pad_id), epochs=r.epochs, lr=r.learning_rate,
                seed=cfg.seed)
     return router

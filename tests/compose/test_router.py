@@ -199,3 +199,53 @@ def test_hidden_features_read_the_frozen_model_and_route_exactly(tmp_path):
     assert loaded.features == "hidden" and loaded.predict(ids) == names
     with pytest.raises(dt.ConfigError, match="features must be one of"):
         dt.attach_router(tiny_bert(), ["a", "b"], features="pixels")
+
+
+def test_token_features_learn_each_tokens_score_and_route_exactly(tmp_path):
+    """features='tokens': the mean of a learned score vector per token id, padding left out; more routing data
+    for one delta does not tilt the choice (balanced loss); saved and loaded with the router."""
+    model = with_deltas()
+    router = dt.attach_router(model, ["a", "b"], features="tokens")
+    data = [domain_batch("a", 64, 1), domain_batch("b", 8, 2)]  # 8x fewer samples of b
+    router.fit(data, epochs=200, lr=0.05)
+    assert router.fit_accuracy == 1.0
+    assert router.accuracy([domain_batch("a", 20, 5), domain_batch("b", 20, 6)]) == 1.0  # held out
+    ids, names = mixed_inputs()
+    padded, mask = torch.cat([ids, torch.full((4, 5), 99)], 1), torch.cat([torch.ones_like(ids), torch.zeros(4, 5)], 1)
+    assert torch.allclose(router.logits(padded, mask), router.logits(ids), atol=1e-6)  # padding is not read
+    with torch.no_grad():
+        routed = model(input_ids=ids).logits
+    assert router.last_choice == names
+    for i, name in enumerate(names):
+        with dt.active(model, name), torch.no_grad():
+            assert torch.allclose(routed[i], model(input_ids=ids[i:i + 1]).logits[0], atol=1e-5)
+    dt.save_all(model, tmp_path / "deltas")
+    router.save(tmp_path / "router")
+    fresh = tiny_bert()
+    dt.load_all(fresh, tmp_path / "deltas")
+    loaded = dt.load_router(fresh, tmp_path / "router")
+    assert loaded.features == "tokens" and torch.equal(loaded.logits(ids), router.logits(ids))
+    with pytest.raises(dt.StateError, match="pass input_ids"):
+        loaded.logits(inputs_embeds=torch.zeros(1, 3, 32))
+    loaded.detach()
+    with pytest.raises(dt.ConfigError, match="linear bag of tokens"):
+        dt.attach_router(fresh, ["a", "b"], features="tokens", hidden=16)
+
+
+def test_token_pairs_tell_apart_inputs_made_of_the_same_tokens():
+    """Domain a alternates two tokens (5 6 5 6 ...), domain b repeats them in runs (5 5 6 6 ...): the same bag of
+    single tokens, different neighbouring pairs. Left and right padding give the same bag."""
+    def batch(name: str, n: int) -> dict:
+        row = [5, 6] * 4 if name == "a" else [5, 5, 6, 6] * 2
+        ids = torch.tensor([row] * n)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "route": [name] * n}
+
+    data = [batch("a", 8), batch("b", 8)]
+    for buckets, expected in ((0, 0.5), (1024, 1.0)):
+        model = with_deltas()
+        router = dt.attach_router(model, ["a", "b"], features="tokens", bigram_buckets=buckets)
+        router.fit(data, epochs=100, lr=0.05)
+        assert router.fit_accuracy == expected, buckets
+    ids = torch.tensor([[5, 6, 5, 0, 0], [0, 0, 5, 6, 5]])
+    right, left = torch.tensor([[1, 1, 1, 0, 0]]), torch.tensor([[0, 0, 1, 1, 1]])
+    assert torch.equal(router.logits(ids[:1], right), router.logits(ids[1:], left))

@@ -142,11 +142,14 @@ def test_soft_mode_from_yaml(two_runs, tmp_path):
     assert all(r["routed"] >= 0.9 for r in rows)  # a confident mix of LoRA deltas is close to the chosen one
 
 
-def test_hidden_features_from_yaml(two_runs, tmp_path):
-    """router.features: hidden reads the frozen model's last hidden states; saved, and read back by eval."""
-    summary = train_router(load_router_config(router_yaml(tmp_path / "h.yaml", two_runs, features="hidden")))
+@pytest.mark.parametrize(("features", "described"), [("hidden", "mean last"), ("tokens", "bag of input tokens")])
+def test_other_features_from_yaml(two_runs, tmp_path, features, described):
+    """router.features: hidden reads the frozen model's last hidden states, tokens a bag of token ids; saved,
+    and read back by eval."""
+    config = router_yaml(tmp_path / "h.yaml", two_runs, features=features, epochs=200, learning_rate=0.05)
+    summary = train_router(load_router_config(config))
     assert min(summary["router_accuracy"].values()) == 1.0
-    assert json.loads((tmp_path / "routed" / "router" / "router.json").read_text())["features"].startswith("mean last")
+    assert json.loads((tmp_path / "routed" / "router" / "router.json").read_text())["features"].startswith(described)
     rows = evaluate_router_run(tmp_path / "routed")["tasks"]
     assert all(r["router_accuracy"] == 1.0 and r["routed"] == r["oracle"] for r in rows)
 
@@ -157,7 +160,7 @@ def test_unknown_key_is_named(two_runs, tmp_path):
     path = router_yaml(tmp_path / "bad.yaml", two_runs, sample_per_run=10)
     with pytest.raises(ConfigError, match=r"unknown key 'router.sample_per_run'.*samples_per_run"):
         load_router_config(path)
-    with pytest.raises(ConfigError, match=r"router.features: .*'embeddings' or 'hidden'"):
+    with pytest.raises(ConfigError, match=r"router.features: .*'embeddings', 'hidden' or 'tokens'"):
         load_router_config(router_yaml(tmp_path / "bad2.yaml", two_runs, features="pixels"))
 
 
