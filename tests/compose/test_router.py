@@ -44,6 +44,22 @@ def trained(model, **kwargs):
     return router
 
 
+def assert_rows_as_alone(model, routed: torch.Tensor, ids: torch.Tensor, names: list[str]) -> None:
+    """Each routed row equals its sample run alone through the delta it was routed to."""
+    for i, name in enumerate(names):
+        with dt.active(model, name), torch.no_grad():
+            assert torch.allclose(routed[i], model(input_ids=ids[i:i + 1]).logits[0], atol=1e-5), (i, name)
+
+
+def saved_and_loaded(model, router, tmp_path):
+    """A fresh tiny BERT with the deltas and the router read back from disk."""
+    dt.save_all(model, tmp_path / "deltas")
+    router.save(tmp_path / "router")
+    fresh = tiny_bert()
+    dt.load_all(fresh, tmp_path / "deltas")
+    return fresh, dt.load_router(fresh, tmp_path / "router")
+
+
 def mixed_inputs():
     a, b = domain_batch("a", 2, 10), domain_batch("b", 2, 11)
     ids = torch.cat([a["input_ids"], b["input_ids"]])[[0, 2, 1, 3]]
@@ -62,9 +78,7 @@ def test_learns_the_domains_and_routes_each_sample_exactly():
     with dt.route(model, names), torch.no_grad():
         manual = model(input_ids=ids).logits
     assert torch.allclose(routed, manual, atol=1e-6)  # the router sorts the batch by route: another row order
-    for i, name in enumerate(names):
-        with dt.active(model, name), torch.no_grad():
-            assert torch.allclose(routed[i], model(input_ids=ids[i:i + 1]).logits[0], atol=1e-5)
+    assert_rows_as_alone(model, routed, ids, names)
 
 
 def test_each_call_restores_the_model_state():
@@ -131,11 +145,7 @@ def test_save_and_load_with_the_deltas(tmp_path):
     ids, names = mixed_inputs()
     with torch.no_grad():
         routed = model(input_ids=ids).logits
-    dt.save_all(model, tmp_path / "deltas")
-    router.save(tmp_path / "router")
-    fresh = tiny_bert()
-    dt.load_all(fresh, tmp_path / "deltas")
-    loaded = dt.load_router(fresh, tmp_path / "router")
+    fresh, loaded = saved_and_loaded(model, router, tmp_path)
     assert loaded.predict(ids) == names and loaded.names == ["a", "b"]
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, routed)
@@ -188,14 +198,8 @@ def test_hidden_features_read_the_frozen_model_and_route_exactly(tmp_path):
         routed = model(input_ids=ids).logits
     assert router.last_choice == names
     assert dt.deltas(model)["b"].is_active and not dt.deltas(model)["a"].is_active  # put back
-    for i, name in enumerate(names):
-        with dt.active(model, name), torch.no_grad():
-            assert torch.allclose(routed[i], model(input_ids=ids[i:i + 1]).logits[0], atol=1e-5)
-    dt.save_all(model, tmp_path / "deltas")
-    router.save(tmp_path / "router")
-    fresh = tiny_bert()
-    dt.load_all(fresh, tmp_path / "deltas")
-    loaded = dt.load_router(fresh, tmp_path / "router")
+    assert_rows_as_alone(model, routed, ids, names)
+    fresh, loaded = saved_and_loaded(model, router, tmp_path)
     assert loaded.features == "hidden" and loaded.predict(ids) == names
     with pytest.raises(dt.ConfigError, match="features must be one of"):
         dt.attach_router(tiny_bert(), ["a", "b"], features="pixels")
@@ -216,14 +220,8 @@ def test_token_features_learn_each_tokens_score_and_route_exactly(tmp_path):
     with torch.no_grad():
         routed = model(input_ids=ids).logits
     assert router.last_choice == names
-    for i, name in enumerate(names):
-        with dt.active(model, name), torch.no_grad():
-            assert torch.allclose(routed[i], model(input_ids=ids[i:i + 1]).logits[0], atol=1e-5)
-    dt.save_all(model, tmp_path / "deltas")
-    router.save(tmp_path / "router")
-    fresh = tiny_bert()
-    dt.load_all(fresh, tmp_path / "deltas")
-    loaded = dt.load_router(fresh, tmp_path / "router")
+    assert_rows_as_alone(model, routed, ids, names)
+    fresh, loaded = saved_and_loaded(model, router, tmp_path)
     assert loaded.features == "tokens" and torch.equal(loaded.logits(ids), router.logits(ids))
     with pytest.raises(dt.StateError, match="pass input_ids"):
         loaded.logits(inputs_embeds=torch.zeros(1, 3, 32))
