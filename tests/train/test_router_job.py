@@ -154,11 +154,6 @@ def test_other_features_from_yaml(two_runs, tmp_path, features, described):
     assert all(r["router_accuracy"] == 1.0 and r["routed"] == r["oracle"] for r in rows)
 
 
-def test_the_example_router_config_is_valid():
-    cfg = load_router_config(Path(__file__).parents[2] / "examples" / "router_glue.yaml")
-    assert cfg.router.features == "tokens" and list(cfg.router.runs) == ["sst2", "mrpc", "cola"]
-
-
 # -- errors, before anything is loaded --------------------------------------------------------------------
 
 def test_unknown_key_is_named(two_runs, tmp_path):
