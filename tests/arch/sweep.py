@@ -21,6 +21,7 @@ import torch
 import deltatune as dt
 from deltatune.core.inject import named_base_parameters
 from deltatune.core.registry import METHODS
+from tests.conftest import adam_losses
 
 from .models import ARCHS, inputs
 
@@ -93,14 +94,7 @@ def check(method: str, arch: str) -> str:
     assert trained and trained == {id(p) for p in model.parameters() if p.requires_grad}, "wrong trainable set"
 
     frozen = {n: p.detach().clone() for n, p in named_base_parameters(model) if id(p) not in trained}
-    opt = torch.optim.Adam(delta.parameters().values(), lr=LEARNING_RATE.get(method, 1e-2))
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = _loss(model, arch)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, delta.parameters().values(), 3, LEARNING_RATE.get(method, 1e-2), **inputs(arch))
     with torch.no_grad():
         losses.append(_loss(model, arch).item())
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"

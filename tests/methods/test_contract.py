@@ -23,7 +23,7 @@ import torch
 import deltatune as dt
 from deltatune.core.inject import named_base_parameters
 from deltatune.core.registry import METHODS
-from tests.conftest import BUILDERS, batch, logits
+from tests.conftest import BUILDERS, adam_losses, batch, logits
 
 ARCHS = sorted(BUILDERS)
 # a whole module of each tiny model for the train_modules row (its own trained copy)
@@ -118,9 +118,13 @@ def nudge(delta, seed: int = 5, std: float = 0.1) -> None:
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-def loss_of(model, arch: str) -> torch.Tensor:
+def loss_inputs(arch: str) -> dict[str, torch.Tensor]:
     ids = batch()
-    return model(input_ids=ids, labels=LABELS if arch == "bert" else ids).loss
+    return {"input_ids": ids, "labels": LABELS if arch == "bert" else ids}
+
+
+def loss_of(model, arch: str) -> torch.Tensor:
+    return model(**loss_inputs(arch)).loss
 
 
 def sharpened(arch: str):
@@ -151,14 +155,7 @@ def test_training_reduces_loss_and_leaves_the_rest_bitwise(row):
     model, delta = attach(case, arch, sharpened(arch))
     mine = {id(p) for p in delta.parameters().values()}
     frozen = {n: p.detach().clone() for n, p in named_base_parameters(model) if id(p) not in mine}
-    opt = torch.optim.Adam(delta.parameters().values(), lr=CASES[case].lr)
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = loss_of(model, arch)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, delta.parameters().values(), 8, CASES[case].lr, **loss_inputs(arch))
     with torch.no_grad():
         losses.append(loss_of(model, arch).item())
     assert losses[-1] < CASES[case].drop * losses[0], losses

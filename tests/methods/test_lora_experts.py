@@ -11,6 +11,7 @@ import deltatune as dt
 from deltatune.core.inject import named_base_parameters
 from deltatune.methods.lora import LoRAExperts
 from tests.arch.models import ARCHS, inputs
+from tests.conftest import adam_losses
 
 MOE = ["mixtral", "qwen3-moe"]
 
@@ -32,14 +33,7 @@ def test_identity_train_merge_save_load(arch, tmp_path):
     assert wrappers[0].lora_B["down_proj"].shape == (4, bank.down_proj.shape[1], 4)
 
     frozen = {n: p.detach().clone() for n, p in named_base_parameters(model)}
-    opt = torch.optim.Adam(delta.parameters().values(), lr=1e-2)
-    losses = []
-    for _ in range(4):
-        opt.zero_grad()
-        loss = model(**inputs(arch)).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, delta.parameters().values(), 4, 1e-2, **inputs(arch))
     assert losses[-1] < losses[0] - 1e-3, losses
     assert all(torch.equal(p, frozen[n]) and p.grad is None for n, p in named_base_parameters(model))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in delta.parameters().values())

@@ -8,6 +8,7 @@ import torch
 
 import deltatune as dt
 from tests.arch.models import ARCHS, inputs
+from tests.conftest import adam_losses
 
 SEQ2SEQ = ["t5", "bart"]
 
@@ -59,14 +60,7 @@ def test_generate_reads_the_prompt_cached_and_uncached(arch):
 @pytest.mark.parametrize("arch", SEQ2SEQ)
 def test_trains_only_the_prompt_and_loads_back(arch, tmp_path):
     model, delta, prompt = _setup(arch)
-    opt = torch.optim.Adam([prompt], lr=0.1)
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = model(**inputs(arch)).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, [prompt], 6, 0.1, **inputs(arch))
     # a frozen random 2-layer decoder leaves a prompt little to move (BART: -8e-4 in 6 steps); it must go down
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
     assert prompt.grad.abs().sum() > 0

@@ -9,6 +9,7 @@ from transformers import ViTConfig, ViTModel
 import deltatune as dt
 from deltatune.core.inject import named_base_parameters
 from tests.arch.models import ARCHS, inputs
+from tests.conftest import adam_losses
 
 
 def logits(model):
@@ -54,14 +55,7 @@ def test_trains_only_the_prompt_saves_loads_detaches(tmp_path):
     delta = dt.attach(model, dt.VisualPromptTuning(num_tokens=4), train_modules=None)
     (prompt,) = delta.parameters().values()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["vit.embeddings.visual_prompt.embedding"]
-    opt = torch.optim.Adam([prompt], lr=0.1)
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = model(**inputs("vit")).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, [prompt], 8, 0.1, **inputs("vit"))
     assert losses[-1] < 0.98 * losses[0], losses
     assert all(p.grad is None for _, p in named_base_parameters(model))
     tuned = logits(model)
