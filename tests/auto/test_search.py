@@ -124,14 +124,10 @@ def test_two_workers_share_one_sqlite_study(tiny_task, tmp_path):
         assert run["train"]["learning_rate"] == t.params["train.learning_rate"]
         assert json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())["steps"] == 10
     assert sorted(p.name for p in (tmp_path / "out" / "trials").iterdir()) == ["0000", "0001", "0002", "0003"]
-    # two workers, two trials each, working at the same time (their spans overlap)
-    spans = {}
-    for t in trials:
-        start, end = spans.get(t.user_attrs["worker"], (t.datetime_start, t.datetime_complete))
-        spans[t.user_attrs["worker"]] = (min(start, t.datetime_start), max(end, t.datetime_complete))
-    assert len(spans) == 2 and sorted(sum(t.user_attrs["worker"] == w for t in trials) for w in spans) == [2, 2]
-    (a_start, a_end), (b_start, b_end) = spans.values()
-    assert a_start < b_end and b_start < a_end
+    # two workers, two trials each. Whether their spans overlap is up to the scheduler (one worker may finish
+    # before the other has imported torch), so it is not asserted: the study is shared either way.
+    workers_seen = [t.user_attrs["worker"] for t in trials]
+    assert sorted(workers_seen.count(w) for w in set(workers_seen)) == [2, 2]
     assert all(o[0].startswith("study shared: ") and "report: " in o[0] for o in outputs)
 
 
