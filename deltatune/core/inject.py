@@ -172,6 +172,14 @@ class DeltaWrapper(DeltaModule):
         """``weight`` (the base layer's layout) plus this delta, as a new tensor."""
         return weight + self.delta_weight().to(weight.dtype)
 
+    def add_delta_into(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """``out`` (rows, out_features) += this delta's share of the layer's output for inputs ``x`` (rows,
+        in_features), in place: what routing adds to a group of samples' base output when folding per group
+        does not pay (core.routed_fold). Needed with ``folds_per_sample``; the default multiplies by the
+        weight-sized ``delta_weight`` (a low-rank method does it through its factors)."""
+        delta = self.delta_weight().to(out.dtype)  # the base layer's layout: (out, in) for nn.Linear, else (in, out)
+        out.addmm_(x, delta.T if isinstance(self.base_layer(), nn.Linear) else delta)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into the base weight: W <- W + delta_weight()."""

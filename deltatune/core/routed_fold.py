@@ -1,4 +1,4 @@
-"""Hard per-sample routing at inference as one folded product per group of samples.
+"""Hard per-sample routing at inference: per group of samples, one folded product or only its own low-rank path.
 
 Why: through masks (``DeltaModule.scaled``), a routed linear layer runs its base product, then every routed
 delta's low-rank path over the whole batch, and multiplies all but one of them away per sample: 2.3x the
@@ -6,7 +6,9 @@ latency of one delta on a mixed batch of MiniLM (BENCHMARKS.md, "Learned routing
 inference folds W + dW into its product (core/merge_on_the_fly.py) and costs what the base costs, while the
 masked paths cost several activation-sized passes each. With hard routing and no autograd, the samples routed
 to delta k can instead go through W + dW_k, exactly as that delta alone runs them: the product work of one
-delta over the batch, plus one weight-sized fold per delta and a gather / scatter of the rows.
+delta over the batch, plus one weight-sized fold per delta and a gather / scatter of the rows. Where a group
+has too few tokens for a weight-sized fold to pay (short texts, decoding steps), the base product runs once
+and each group's rows get only their own deltas' low-rank paths (``add_delta_into``).
 
 Hard masks are made here (``hard_mask``, by ``dt.route``), so a 0/1 mask is known to be one without reading its
 values (no device sync); soft weights (a router's mix) are other tensors and keep the masked path. A chain of
@@ -106,9 +108,10 @@ def _chain(outer: DeltaWrapper) -> tuple[list[DeltaWrapper], nn.Module] | None:
 
 
 def routed_forward(outer: DeltaWrapper, x: torch.Tensor) -> torch.Tensor | None:
-    """What the wrapper chain from ``outer`` computes under hard routing, one folded product per group of
-    samples; None when this path does not apply (autograd on, soft weights or gates, a method or layer that
-    cannot fold, or too few tokens per group for a weight-sized fold to pay): the caller runs its usual path."""
+    """What the wrapper chain from ``outer`` computes under hard routing: one folded product per group of
+    samples where that pays, else the base product plus each group's own low-rank paths; None when neither
+    applies (autograd on, soft weights or gates, a method or layer that cannot fold): the caller runs its usual
+    (masked) path."""
     if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
         return None
     found = _chain(outer)
@@ -122,8 +125,15 @@ def routed_forward(outer: DeltaWrapper, x: torch.Tensor) -> torch.Tensor | None:
     if any(m.shape[0] != x.shape[0] for m in masks):
         return None  # the masked path raises the clear error
     groups = sample_groups(masks, x.device)
-    if groups is None or not _fold_pays(x, layer, len(groups)):
+    if groups is None:
         return None
+    if _fold_pays(x, layer, len(groups)):
+        return folded_per_group(layer, on, x, groups)
+    return low_rank_per_group(layer, on, x, groups)
+
+
+def folded_per_group(layer: nn.Module, on: list[DeltaWrapper], x: torch.Tensor, groups: list) -> torch.Tensor:
+    """Each group's samples through W + its deltas' folds: one product per group (many tokens per group)."""
     weight, bias = layer.weight, layer.bias
     if len(groups) == 1:
         return linear_forward(layer, x, _folded(weight, [on[k] for k in groups[0][0]]), bias)
@@ -134,6 +144,30 @@ def routed_forward(outer: DeltaWrapper, x: torch.Tensor) -> torch.Tensor | None:
             _linear_into(out[rows], layer, part, weight_k, bias)
         else:
             out.index_copy_(0, rows, linear_forward(layer, part, weight_k, bias))
+    return out
+
+
+def low_rank_per_group(layer: nn.Module, on: list[DeltaWrapper], x: torch.Tensor, groups: list) -> torch.Tensor:
+    """The base product over the whole batch, then each group's deltas added to its own rows only. For few
+    tokens per group (short texts, decoding steps), where a weight-sized fold does not pay: the masked path
+    would run every delta's low-rank path over every sample and multiply all but one away (K passes and 2K
+    activation-sized multiplies and adds for K deltas); this runs each sample's own. Consecutive groups are
+    views written in place; scattered ones are gathered and added back (``index_add_``)."""
+    out = linear_forward(layer, x, layer.weight, layer.bias).contiguous()  # (a no-op: products come out contiguous)
+    fan_in, fan_out = x.shape[-1], out.shape[-1]
+    parts = [x] if groups[0][1] is None else _gathered(x, groups)  # rows None: one group, the whole batch
+    for (key, rows), part in zip(groups, parts, strict=True):
+        if not key:
+            continue
+        if rows is None or isinstance(rows, slice):
+            target = out.view(-1, fan_out) if rows is None else out[rows].view(-1, fan_out)
+            for k in key:
+                on[k].add_delta_into(target, part.reshape(-1, fan_in))
+        else:
+            added = part.new_zeros(*part.shape[:-1], fan_out)
+            for k in key:
+                on[k].add_delta_into(added.view(-1, fan_out), part.reshape(-1, fan_in))
+            out.index_add_(0, rows, added)
     return out
 
 

@@ -172,6 +172,10 @@ class LoRALinear(DeltaWrapper):
         # one addmm: W + s B A without a separate delta tensor and scaling pass
         return torch.addmm(weight, self.lora_B, self.lora_A, alpha=self.scale)
 
+    def add_delta_into(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        # out += s (x A^T) B^T: two rank-r products, the second accumulating into out (Linear and Conv1D alike)
+        out.addmm_(F.linear(x, self.lora_A), self.lora_B.T, alpha=self.scale)
+
     def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """(A, B, r, alpha) of a plain LoRA against the original base weight, for export (PEFT).
 
