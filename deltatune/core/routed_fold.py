@@ -124,6 +124,10 @@ def routed_forward(outer: DeltaWrapper, x: torch.Tensor) -> torch.Tensor | None:
     masks = tuple(w.sample_scale for w in on)
     if any(m.shape[0] != x.shape[0] for m in masks):
         return None  # the masked path raises the clear error
+    # full precision only: in bf16 / fp16 a fold rounds the delta away, and a group's low-rank path added to the
+    # already rounded base output rounds twice (logits several bf16 steps from the delta alone, tiny Llama)
+    if layer.weight.dtype not in (torch.float32, torch.float64) or x.dtype != layer.weight.dtype:
+        return None
     groups = sample_groups(masks, x.device)
     if groups is None:
         return None
@@ -212,9 +216,6 @@ def _folded(weight: torch.Tensor, wrappers: list[DeltaWrapper]) -> torch.Tensor:
 
 def _fold_pays(x: torch.Tensor, layer: nn.Module, groups: int) -> bool:
     """Each group's fold is weight-sized: it pays when a group's tokens N_g make N_g (in + out) > in x out
-    (the rule of core/merge_on_the_fly.py per group); full-precision weights only (bf16 would round the delta
-    away, as there)."""
-    if layer.weight.dtype not in (torch.float32, torch.float64) or x.dtype != layer.weight.dtype:
-        return False
+    (the rule of core/merge_on_the_fly.py per group)."""
     fan_in, fan_out = features(layer)
     return (x.numel() // fan_in) * (fan_in + fan_out) > groups * fan_in * fan_out

@@ -178,6 +178,19 @@ def test_few_tokens_per_group_add_each_groups_own_low_rank_paths(arch, paths, mo
     assert torch.allclose(one, alone(model, "y", input_ids=ids), atol=1e-5, rtol=0)
 
 
+def test_half_precision_keeps_the_masked_path(paths):
+    """bf16: a fold would round the delta away and a group's low-rank path would round twice (rows several bf16
+    steps from the delta alone), so routed layers keep the masked path; rows then agree with each sample alone
+    within bf16 rounding of a batched vs a single product (tiny Llama logits are ~0.4)."""
+    model = lora_deltas("llama").to(torch.bfloat16)
+    ids = IDS[:, :8]
+    mixed = routed(model, ROUTES, input_ids=ids)
+    assert paths and set(paths) == {"masked"}
+    for name in dict.fromkeys(ROUTES):
+        rows = [i for i, r in enumerate(ROUTES) if r == name]
+        assert torch.allclose(mixed[rows].float(), alone(model, name, input_ids=ids)[rows].float(), atol=2e-2), name
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])  # nn.Linear's (out, in) and Conv1D's (in, out) delta_weight
 def test_the_default_add_delta_into_reads_the_weight_layout(arch):
     """A method that folds per group and has no low-rank factors adds x delta_weight^T (Linear) or x delta_weight
