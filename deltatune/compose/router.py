@@ -227,11 +227,12 @@ class Router:
         return self._scores(self._raw_features(input_ids, attention_mask, inputs_embeds, **inputs))
 
     def _scores(self, features: torch.Tensor | tuple) -> torch.Tensor:
-        """The classifier on features as ``_raw_features`` reads them (token bags as they are, vectors
-        standardised)."""
-        if self.features == "tokens":
-            return self.classifier(features)
-        return self.classifier((features - self.mean) / self.std)
+        """The classifier on features as ``_raw_features`` reads them."""
+        return self.classifier(self._classifier_input(features))
+
+    def _classifier_input(self, features: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        """Token bags as they are, feature vectors standardised."""
+        return features if self.features == "tokens" else (features - self.mean) / self.std
 
     def predict(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, **inputs: Any) -> list[str]:
@@ -281,6 +282,7 @@ class Router:
         if self.features != "tokens":
             self.mean = features.mean(0)
             self.std = features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(self.mean)
+        x = self._classifier_input(features)  # once: the features are fixed
         torch.manual_seed(seed)
         if isinstance(self.classifier, TokenBag):
             self.classifier.reset_parameters()
@@ -295,12 +297,12 @@ class Router:
         with torch.enable_grad():
             for _ in range(epochs):
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(self._scores(features), targets, weight=balance)
+                loss = nn.functional.cross_entropy(self.classifier(x), targets, weight=balance)
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
         with torch.no_grad():  # on the features already read: the hidden ones cost a forward pass each
-            self.fit_accuracy = float((self._scores(features).argmax(-1) == targets).float().mean())
+            self.fit_accuracy = float((self.classifier(x).argmax(-1) == targets).float().mean())
         return losses
 
     def accuracy(self, batches: Iterable[dict[str, Any]]) -> float:

@@ -163,15 +163,12 @@ def low_rank_per_group(layer: nn.Module, on: list[DeltaWrapper], x: torch.Tensor
     for (key, rows), part in zip(groups, parts, strict=True):
         if not key:
             continue
-        if rows is None or isinstance(rows, slice):
-            target = out.view(-1, fan_out) if rows is None else out[rows].view(-1, fan_out)
-            for k in key:
-                on[k].add_delta_into(target, part.reshape(-1, fan_in))
-        else:
-            added = part.new_zeros(*part.shape[:-1], fan_out)
-            for k in key:
-                on[k].add_delta_into(added.view(-1, fan_out), part.reshape(-1, fan_in))
-            out.index_add_(0, rows, added)
+        scattered = isinstance(rows, torch.Tensor)
+        target = part.new_zeros(*part.shape[:-1], fan_out) if scattered else out if rows is None else out[rows]
+        for k in key:
+            on[k].add_delta_into(target.view(-1, fan_out), part.reshape(-1, fan_in))
+        if scattered:
+            out.index_add_(0, rows, target)
     return out
 
 
